@@ -1,0 +1,118 @@
+"""The offline ``mock`` provider: deterministic OpenAI-format replies, no network, no key.
+
+The reply names the model and echoes the last user message. When the request offers tools
+(and the last message is not already a tool result) it calls the first tool instead, as a
+model would. Usage counts are exact for the reply it gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+
+from adapters.sse import DONE, sse_event
+from gateway.types import Completion, StreamSummary, UpstreamCall, Usage
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _last_user_text(messages: list[Mapping[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _text(message.get("content"))
+    return ""
+
+
+def _count_tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+class _Reply:
+    """Everything about the mock's answer to one request, computed once."""
+
+    def __init__(self, call: UpstreamCall) -> None:
+        body = call.body
+        messages = [m for m in body.get("messages") or [] if isinstance(m, Mapping)]
+        self.model = call.model.upstream_model
+        self.id = "chatcmpl-mock-" + hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:24]
+        self.created = int(time.time())
+        tools = [t for t in body.get("tools") or [] if isinstance(t, Mapping)]
+        answered_tool = bool(messages) and messages[-1].get("role") == "tool"
+        said = _last_user_text(messages)
+        self.tool_call: dict[str, Any] | None = None
+        if tools and not answered_tool and body.get("tool_choice") != "none":
+            name = str((tools[0].get("function") or {}).get("name") or "tool")
+            self.tool_call = {"id": "call_" + self.id[-12:], "type": "function",
+                              "function": {"name": name, "arguments": orjson.dumps({"input": said}).decode()}}
+            self.content = None
+            self.words: list[str] = []
+            output_tokens = _count_tokens(name + " " + said)
+        else:
+            if answered_tool:
+                said = "tool result " + _text(messages[-1].get("content"))
+            self.content = f"Mock reply from {self.model}: {said}"
+            self.words = self.content.split(" ")
+            output_tokens = _count_tokens(self.content)
+        self.finish_reason = "tool_calls" if self.tool_call else "stop"
+        input_tokens = sum(_count_tokens(_text(m.get("content"))) + 3 for m in messages)
+        self.usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+
+    def usage_json(self) -> dict[str, int]:
+        u = self.usage
+        return {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
+                "total_tokens": u.input_tokens + u.output_tokens}
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+class MockProvider:
+    name = "mock"
+
+    def __init__(self, stream_delay_s: float = 0.0) -> None:
+        self._delay = stream_delay_s
+
+    async def complete(self, call: UpstreamCall) -> Completion:
+        reply = _Reply(call)
+        message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+        if reply.tool_call:
+            message["tool_calls"] = [reply.tool_call]
+        body = {
+            "id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish_reason}],
+            "usage": reply.usage_json(),
+        }
+        return Completion(body=orjson.dumps(body), usage=reply.usage, response_model=reply.model,
+                          finish_reasons=(reply.finish_reason,),
+                          tool_calls=(reply.tool_call["function"]["name"],) if reply.tool_call else ())
+
+    async def stream(self, call: UpstreamCall, summary: StreamSummary) -> AsyncIterator[bytes]:
+        reply = _Reply(call)
+        summary.response_model = reply.model
+        yield sse_event(reply.chunk({"role": "assistant", "content": "" if reply.content is not None else None}))
+        if reply.tool_call:
+            summary.tool_calls.append(reply.tool_call["function"]["name"])
+            yield sse_event(reply.chunk({"tool_calls": [{"index": 0, **reply.tool_call}]}))
+        for index, word in enumerate(reply.words):
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            yield sse_event(reply.chunk({"content": word if index == 0 else " " + word}))
+        summary.finish_reasons.append(reply.finish_reason)
+        yield sse_event(reply.chunk({}, reply.finish_reason))
+        summary.usage = reply.usage
+        if call.include_usage:
+            yield sse_event({"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
+                             "model": reply.model, "choices": [], "usage": reply.usage_json()})
+        yield DONE

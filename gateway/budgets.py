@@ -1,0 +1,121 @@
+"""Stages 5 and 8, reserve and settle: charging calls against budgets in the ledger.
+
+Before a call, its worst-case cost is reserved against every budget the policy names, in one
+transaction of conditional UPDATEs (``spent + reserved + amount <= limit``), so concurrent
+calls on any number of replicas sharing the store can never reserve past a limit. After the
+call, the reservation is replaced by the actual cost. Money is integer micro-dollars.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.errors import BudgetExceeded, StoreUnavailable
+from gateway.store import BudgetLedger
+from gateway.types import Budget
+
+WINDOWS = ("day", "month", "total")
+_ledger = BudgetLedger.__table__  # type: ignore[attr-defined]
+
+
+def period_of(window: str, now: datetime) -> str:
+    if window == "day":
+        return now.strftime("%Y-%m-%d")
+    if window == "month":
+        return now.strftime("%Y-%m")
+    return "all"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    rows: tuple[tuple[str, str, str], ...]  # (scope, window, period)
+    amount_micro_usd: int
+
+
+class BudgetLedgerStore:
+    def __init__(self, engine: AsyncEngine, spend_cache_ttl_s: float) -> None:
+        self._engine = engine
+        self._insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+        self._known_rows: set[tuple[str, str, str]] = set()
+        self._spend_ttl = spend_cache_ttl_s
+        self._spend_cache: dict[tuple[str, ...], tuple[dict[str, dict[str, int]], float]] = {}
+
+    async def spend(self, scopes: Sequence[str], now: datetime) -> dict[str, dict[str, int]]:
+        """Settled spend per scope and window, for the policy input; at most ``spend_cache_ttl_s`` old."""
+        key = tuple(scopes)
+        cached = self._spend_cache.get(key)
+        clock = time.monotonic()
+        if cached is not None and cached[1] > clock:
+            return cached[0]
+        periods = [(w, period_of(w, now)) for w in WINDOWS]
+        query = select(_ledger.c.scope, _ledger.c.window, _ledger.c.spent_micro_usd).where(
+            _ledger.c.scope.in_(scopes),
+            or_(*(and_(_ledger.c.window == w, _ledger.c.period == p) for w, p in periods)),
+        )
+        try:
+            async with self._engine.connect() as connection:
+                rows = (await connection.execute(query)).all()
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable() from exc
+        spend: dict[str, dict[str, int]] = {}
+        for scope, window, spent in rows:
+            spend.setdefault(scope, {})[window] = spent
+        if len(self._spend_cache) > 10_000:
+            self._spend_cache.clear()
+        self._spend_cache[key] = (spend, clock + self._spend_ttl)
+        return spend
+
+    async def reserve(self, budgets: Sequence[Budget], amount_micro_usd: int, now: datetime) -> Reservation:
+        rows = tuple((b.scope, b.window, period_of(b.window, now)) for b in budgets)
+        try:
+            async with self._engine.begin() as connection:
+                missing = [row for row in rows if row not in self._known_rows]
+                if missing:
+                    await connection.execute(
+                        self._insert(_ledger).values(
+                            [{"scope": s, "window": w, "period": p, "spent_micro_usd": 0, "reserved_micro_usd": 0}
+                             for s, w, p in missing]
+                        ).on_conflict_do_nothing()
+                    )
+                for budget, (scope, window, period) in zip(budgets, rows, strict=True):
+                    c = _ledger.c
+                    result = await connection.execute(
+                        update(_ledger)
+                        .where(c.scope == scope, c.window == window, c.period == period,
+                               c.spent_micro_usd + c.reserved_micro_usd + amount_micro_usd <= budget.limit_micro_usd)
+                        .values(reserved_micro_usd=c.reserved_micro_usd + amount_micro_usd)
+                    )
+                    if result.rowcount != 1:
+                        # Leaving the block by exception rolls back the reservations made so far.
+                        raise BudgetExceeded(
+                            f"Budget {scope} ({window}) cannot cover this call: its limit is "
+                            f"${budget.limit_micro_usd / 1e6:.2f} and this call may cost up to "
+                            f"${amount_micro_usd / 1e6:.4f}."
+                        )
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable() from exc
+        self._known_rows.update(rows)
+        return Reservation(rows=rows, amount_micro_usd=amount_micro_usd)
+
+    async def settle(self, reservation: Reservation, actual_micro_usd: int) -> None:
+        """Replace the reservation by the actual cost (0 when the call failed before a reply)."""
+        if not reservation.rows:
+            return
+        c = _ledger.c
+        async with self._engine.begin() as connection:
+            for scope, window, period in reservation.rows:
+                await connection.execute(
+                    update(_ledger)
+                    .where(c.scope == scope, c.window == window, c.period == period)
+                    .values(reserved_micro_usd=c.reserved_micro_usd - reservation.amount_micro_usd,
+                            spent_micro_usd=c.spent_micro_usd + actual_micro_usd)
+                )

@@ -1,0 +1,283 @@
+"""The ``lockgate`` command: serve the gateway, manage keys and approvals, read the audit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.settings import Settings, SettingsError, describe_settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    return load_settings(args.config, **overrides)
+
+
+def _with_store(args: argparse.Namespace, action: Callable[[AsyncEngine], Awaitable[int]]) -> int:
+    from gateway.runtime import open_store
+
+    async def run() -> int:
+        engine = await open_store(_settings(args))
+        try:
+            return await action(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.runtime import build_policy
+
+    settings = _settings(args, host=args.host, port=args.port)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    build_policy(settings)  # fail before binding the port if the policy cannot serve
+    print(f"lockgate: serving on http://{settings.host}:{settings.port}/v1 "
+          f"(store {settings.database_url.split('@')[-1]}, models {', '.join(m.name for m in settings.models)})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                log_level=settings.log_level, access_log=settings.access_log, lifespan="on")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from gateway.auth import KeyStore
+
+    async def action(engine: AsyncEngine) -> int:
+        issued = await KeyStore(engine, 0).create(user=args.user, team=args.team, org=args.org, roles=tuple(args.role))
+        record = issued.record
+        print(f"Created key {record.id} for user {record.user}, team {record.team}, org {record.org}.", file=sys.stderr)
+        print("Store it now: it is shown only this once.", file=sys.stderr)
+        print(issued.key)
+        return 0
+
+    return _with_store(args, action)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from gateway.auth import KeyStore
+
+    async def action(engine: AsyncEngine) -> int:
+        keys = await KeyStore(engine, 0).list()
+        rows = [[k.id, k.prefix + "...", k.user, k.team, k.org, ",".join(k.roles) or "-",
+                 _when(k.created_at), "revoked " + _when(k.revoked_at) if k.revoked_at else "active"] for k in keys]
+        _table(["ID", "KEY", "USER", "TEAM", "ORG", "ROLES", "CREATED", "STATE"], rows)
+        return 0
+
+    return _with_store(args, action)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from gateway.auth import KeyStore
+
+    async def action(engine: AsyncEngine) -> int:
+        if await KeyStore(engine, 0).revoke(args.key_id):
+            print(f"Revoked {args.key_id}. Running gateways refuse it within auth_cache_ttl_s seconds.")
+            return 0
+        print(f"lockgate: no active key {args.key_id}", file=sys.stderr)
+        return 1
+
+    return _with_store(args, action)
+
+
+def cmd_traces_list(args: argparse.Namespace) -> int:
+    from gateway.audit.reader import list_decisions
+
+    async def action(engine: AsyncEngine) -> int:
+        rows = await list_decisions(engine, limit=args.limit, team=args.team, outcome=args.outcome)
+        if args.json:
+            print(json.dumps(rows, default=str, indent=2))
+            return 0
+        _table(["TRACE", "TIME", "OUTCOME", "STATUS", "USER", "TEAM", "MODEL", "TOKENS", "COST $", "MS"], [
+            [r["trace_id"], _when(r["created_at"]), r["outcome"], str(r["status_code"]), r["user"] or "-",
+             r["team"] or "-", _model(r), f"{r['input_tokens']}/{r['output_tokens']}",
+             f"{r['cost_micro_usd'] / 1e6:.6f}", f"{r['duration_ms']:.1f}"] for r in rows])
+        return 0
+
+    return _with_store(args, action)
+
+
+def cmd_traces_show(args: argparse.Namespace) -> int:
+    from gateway.audit.reader import read_trace, span_tree
+
+    async def action(engine: AsyncEngine) -> int:
+        decisions, spans = await read_trace(engine, args.trace_id)
+        if not decisions and not spans:
+            print(f"lockgate: no trace {args.trace_id} (audit rows are written within audit_flush_interval_s)",
+                  file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps({"decisions": decisions, "spans": spans}, default=str, indent=2))
+            return 0
+        for d in decisions:
+            print(f"decision {d['id']}  {d['outcome']} ({d['status_code']})  {_when(d['created_at'])}")
+            print(f"  caller   {d['user']} / team {d['team']} / org {d['org']}  key {d['key_id']}")
+            print(f"  model    {_model(d)}  provider {d['provider'] or '-'}  stream {d['stream']}")
+            print(f"  reasons  {'; '.join(d['reasons']) or '-'}")
+            if d["error_type"]:
+                print(f"  error    {d['error_type']}: {d['error_message']}")
+            print(f"  usage    {d['input_tokens']} in / {d['output_tokens']} out  "
+                  f"cost ${d['cost_micro_usd'] / 1e6:.6f}  {d['duration_ms']:.1f} ms")
+        print("spans")
+        for depth, s in span_tree(spans):
+            ms = (s["end_ns"] - s["start_ns"]) / 1e6
+            print(f"  {'  ' * depth}{s['name']}  [{s['kind'].lower()}, {s['status'].lower()}, {ms:.2f} ms]")
+            for key, value in sorted(s["attributes"].items()):
+                print(f"  {'  ' * depth}    {key} = {value}")
+        return 0
+
+    return _with_store(args, action)
+
+
+def cmd_approvals_list(args: argparse.Namespace) -> int:
+    from gateway.approvals import ApprovalQueue
+
+    async def action(engine: AsyncEngine) -> int:
+        rows = await ApprovalQueue(engine).list(None if args.status == "all" else args.status)
+        _table(["ID", "STATUS", "USER", "TEAM", "MODEL", "APPROVERS", "REASON", "CREATED", "EXPIRES"], [
+            [a.id, a.status, a.user, a.team, a.model, ",".join(a.approvers) or "-", a.reason,
+             _when(a.created_at), _when(a.expires_at)] for a in rows])
+        return 0
+
+    return _with_store(args, action)
+
+
+def _decide(approve: bool) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        from gateway.approvals import ApprovalQueue
+
+        async def action(engine: AsyncEngine) -> int:
+            if await ApprovalQueue(engine).decide(args.approval_id, approve, args.by):
+                print(f"{'Approved' if approve else 'Denied'} {args.approval_id}.")
+                return 0
+            print(f"lockgate: {args.approval_id} is not a pending approval", file=sys.stderr)
+            return 1
+
+        return _with_store(args, action)
+
+    return command
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from gateway.policy.source import PolicyLoadError
+    from gateway.policy.testing import run_policy_tests
+
+    settings = _settings(args)
+    try:
+        results = run_policy_tests(Path(args.policy_dir) if args.policy_dir else None, settings.models)
+    except PolicyLoadError as exc:
+        print(f"lockgate: {exc}", file=sys.stderr)
+        return 2
+    for name, ok, detail in results:
+        print(f"{'PASS' if ok else 'FAIL'} {name}{'' if ok else ': ' + detail}")
+    failed = sum(1 for _, ok, _ in results if not ok)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed or not results else 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    print(describe_settings())
+    return 0
+
+
+def _when(value: datetime | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _model(row: dict[str, Any]) -> str:
+    requested, routed = row["requested_model"] or "-", row["routed_model"]
+    return requested if not routed or routed == requested else f"{requested}->{routed}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lockgate", description="Lockgate, the governance-first LLM gateway.")
+    parser.add_argument("--config", help="YAML settings file (default: $LOCKGATE_CONFIG, else built-in defaults)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="listen address (setting host)")
+    serve.add_argument("--port", type=int, help="listen port (setting port)")
+    serve.set_defaults(func=cmd_serve)
+
+    keys = commands.add_parser("keys", help="virtual API keys").add_subparsers(dest="keys", required=True)
+    create = keys.add_parser("create", help="create a key and print it once")
+    create.add_argument("--user", required=True)
+    create.add_argument("--team", required=True)
+    create.add_argument("--org", default="default")
+    create.add_argument("--role", action="append", default=[], help="a role (repeatable)")
+    create.set_defaults(func=cmd_keys_create)
+    keys.add_parser("list", help="list keys (never the keys themselves)").set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    traces = commands.add_parser("traces", help="read the audit").add_subparsers(dest="traces", required=True)
+    tlist = traces.add_parser("list", help="the latest calls, newest first")
+    tlist.add_argument("--limit", type=int, default=20)
+    tlist.add_argument("--team")
+    tlist.add_argument("--outcome", choices=["allowed", "denied", "failed"])
+    tlist.add_argument("--json", action="store_true")
+    tlist.set_defaults(func=cmd_traces_list)
+    show = traces.add_parser("show", help="one call: its decision record and span tree")
+    show.add_argument("trace_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_traces_show)
+
+    approvals = commands.add_parser("approvals", help="the approval queue").add_subparsers(dest="approvals", required=True)
+    alist = approvals.add_parser("list", help="approvals, oldest first")
+    alist.add_argument("--status", default="pending", choices=["pending", "approved", "denied", "used", "all"])
+    alist.set_defaults(func=cmd_approvals_list)
+    for verb, approve in (("approve", True), ("deny", False)):
+        decide = approvals.add_parser(verb, help=f"{verb} a pending call")
+        decide.add_argument("approval_id")
+        decide.add_argument("--by", required=True, help="who decides (recorded)")
+        decide.set_defaults(func=_decide(approve))
+
+    policy = commands.add_parser("policy", help="policies").add_subparsers(dest="policy", required=True)
+    ptest = policy.add_parser("test", help="run the test_ rules of the policy's *_test.rego files")
+    ptest.add_argument("--policy-dir", help="policy folder (default: setting policy_dir)")
+    ptest.set_defaults(func=cmd_policy_test)
+
+    commands.add_parser("settings", help="list every setting").set_defaults(func=cmd_settings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gateway.runtime import StartupError
+
+    try:
+        return int(args.func(args))
+    except (SettingsError, StartupError) as exc:
+        print(f"lockgate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Reading a policy folder: its Rego modules, its data, and the builtins we refuse.
+
+A policy folder holds ``*.rego`` modules, ``*_test.rego`` unit tests (loaded only by
+``lockgate policy test``) and ``*.json`` data files, merged into ``data``. The gateway adds the
+model catalog as ``data.lockgate.catalog`` so rules can see providers and prices.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gateway.types import CatalogModel
+
+# Network access from a policy would make decisions depend on the outside world (and regorus
+# leaves http.send silently undefined), so policies that use these never load.
+_FORBIDDEN = re.compile(r"\b(http\.send|net\.[a-z_]+|opa\.runtime)\b")
+_COMMENT = re.compile(r"#[^\n]*")
+
+
+class PolicyLoadError(ValueError):
+    pass
+
+
+@dataclass
+class PolicySource:
+    modules: dict[str, str]
+    data: dict[str, Any]
+    tests: dict[str, str] = field(default_factory=dict)
+
+
+def default_policy_dir() -> Path:
+    """The policies shipped with Lockgate: in the wheel, or beside the source tree."""
+    packaged = Path(str(resources.files("gateway"))) / "default_policies"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "policies"
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any], where: str) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, f"{where}.{key}")
+        elif key in into:
+            raise PolicyLoadError(f"data key {where}.{key} is defined twice")
+        else:
+            into[key] = value
+
+
+def catalog_data(models: tuple[CatalogModel, ...]) -> dict[str, Any]:
+    return {
+        m.name: {
+            "provider": m.provider,
+            "upstream_model": m.upstream_model,
+            "input_usd_per_mtok": m.input_usd_per_mtok,
+            "output_usd_per_mtok": m.output_usd_per_mtok,
+        }
+        for m in models
+    }
+
+
+def load_policy_source(folder: Path, models: tuple[CatalogModel, ...]) -> PolicySource:
+    if not folder.is_dir():
+        raise PolicyLoadError(f"policy folder {folder} does not exist")
+    modules: dict[str, str] = {}
+    tests: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix == ".rego":
+            text = path.read_text()
+            forbidden = _FORBIDDEN.search(_COMMENT.sub("", text))
+            if forbidden:
+                raise PolicyLoadError(f"{path.name} uses {forbidden.group(1)}, which Lockgate policies may not use")
+            (tests if path.name.endswith("_test.rego") else modules)[path.name] = text
+        elif path.suffix == ".json":
+            try:
+                loaded = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise PolicyLoadError(f"{path.name} is not valid JSON: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise PolicyLoadError(f"{path.name} must hold a JSON object")
+            _merge(data, loaded, "data")
+    if not modules:
+        raise PolicyLoadError(f"policy folder {folder} holds no .rego modules")
+    _merge(data, {"lockgate": {"catalog": catalog_data(models)}}, "data")
+    return PolicySource(modules=modules, data=data, tests=tests)

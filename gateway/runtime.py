@@ -1,0 +1,104 @@
+"""The composition root: settings in, every runtime object out, built once and closed once.
+
+Nothing else in the gateway constructs clients, engines or stores; the app receives the
+``Runtime`` through its lifespan state, and tests build one the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from adapters.mock import MockProvider
+from adapters.openai import OpenAIProvider
+from gateway.approvals import ApprovalQueue
+from gateway.audit.tracing import build_tracer_provider
+from gateway.audit.writer import AuditWriter
+from gateway.auth import KeyStore
+from gateway.budgets import BudgetLedgerStore
+from gateway.pipeline import ChatPipeline
+from gateway.policy import PolicyStage
+from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.preflight import run_preflight
+from gateway.policy.source import default_policy_dir, load_policy_source
+from gateway.routing import Router
+from gateway.settings import Settings
+from gateway.store import create_store_engine, create_tables
+from gateway.types import Provider
+from gateway.upstream import build_http_client
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start with these settings; the message says why."""
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    http: httpx.AsyncClient
+    tracer_provider: TracerProvider
+    audit: AuditWriter
+    keys: KeyStore
+    approvals: ApprovalQueue
+    ledger: BudgetLedgerStore
+    policy: PolicyStage
+    router: Router
+    pipeline: ChatPipeline
+
+    async def close(self) -> None:
+        self.tracer_provider.shutdown()  # flushes the last spans into the audit writer
+        await self.audit.close()
+        await self.http.aclose()
+        await self.engine.dispose()
+
+
+def build_policy(settings: Settings) -> PolicyStage:
+    """Load, vet and compile the policy; raise StartupError with the reason if it cannot serve."""
+    folder = Path(settings.policy_dir) if settings.policy_dir else default_policy_dir()
+    try:
+        source = load_policy_source(folder, settings.models)
+        run_preflight(source)
+        return PolicyStage(EmbeddedEngine(source))
+    except (ValueError, RuntimeError) as exc:
+        raise StartupError(f"policy in {folder} cannot be used: {exc}") from None
+
+
+async def open_store(settings: Settings) -> AsyncEngine:
+    engine = create_store_engine(settings.database_url)
+    try:
+        await create_tables(engine)
+    except Exception as exc:
+        await engine.dispose()
+        raise StartupError(f"cannot open the store at {settings.database_url.split('@')[-1]}: {exc}") from None
+    return engine
+
+
+async def build_runtime(settings: Settings, extra_span_processors: Sequence[SpanProcessor] = ()) -> Runtime:
+    policy = build_policy(settings)
+    engine = await open_store(settings)
+    audit = AuditWriter(engine, settings.audit_flush_interval_s, settings.audit_batch_size)
+    tracer_provider = build_tracer_provider(audit, settings.audit_flush_interval_s, extra_span_processors)
+    tracer = tracer_provider.get_tracer("lockgate")
+    http = build_http_client(timeout_s=settings.upstream_timeout_s,
+                             connect_timeout_s=settings.upstream_connect_timeout_s,
+                             max_connections=settings.upstream_max_connections)
+    providers: dict[str, Provider] = {"openai": OpenAIProvider(http), "mock": MockProvider(settings.mock_stream_delay_s)}
+    try:
+        router = Router(settings.models, providers, settings.secret, tracer, settings.upstream_retries)
+    except ValueError as exc:
+        await engine.dispose()
+        raise StartupError(str(exc)) from None
+    keys = KeyStore(engine, settings.auth_cache_ttl_s)
+    approvals = ApprovalQueue(engine)
+    ledger = BudgetLedgerStore(engine, settings.spend_cache_ttl_s)
+    pipeline = ChatPipeline(keys=keys, policy=policy, approvals=approvals, ledger=ledger, router=router,
+                            audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes)
+    audit.start()
+    return Runtime(settings=settings, engine=engine, http=http, tracer_provider=tracer_provider, audit=audit,
+                   keys=keys, approvals=approvals, ledger=ledger, policy=policy, router=router, pipeline=pipeline)

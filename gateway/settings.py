@@ -1,0 +1,213 @@
+"""Every setting, declared once with its default and help text.
+
+Values come from, lowest to highest precedence: the defaults below, a YAML file (``--config``
+or ``LOCKGATE_CONFIG``), and ``LOCKGATE_<NAME>`` environment variables. Bad values fail loudly
+at start-up. This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.types import CatalogModel
+
+ENV_PREFIX = "LOCKGATE_"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[Any], Any]
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        number = kind(value)
+        if number < 0:
+            raise ValueError(f"must not be negative, got {value!r}")
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _models(value: Any) -> tuple[CatalogModel, ...]:
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, list):
+        raise ValueError("expected a list of models")
+    models = []
+    for entry in value:
+        if not isinstance(entry, Mapping) or "name" not in entry or "provider" not in entry:
+            raise ValueError(f"each model needs at least name and provider, got {entry!r}")
+        fields = dict(entry)
+        fields.setdefault("upstream_model", fields["name"])
+        try:
+            models.append(CatalogModel(**fields))
+        except TypeError as exc:
+            raise ValueError(f"model {entry.get('name')!r}: {exc}") from None
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError("model names must be unique")
+    return tuple(models)
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+DEFAULT_MODELS: list[dict[str, Any]] = [
+    {"name": "mock-fast", "provider": "mock", "upstream_model": "mock-fast",
+     "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.60},
+    {"name": "mock-smart", "provider": "mock", "upstream_model": "mock-smart",
+     "input_usd_per_mtok": 2.50, "output_usd_per_mtok": 10.00},
+]
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "127.0.0.1", "Address the gateway listens on.", str),
+    Setting("port", 8080, "Port the gateway listens on.", _positive(int)),
+    Setting("database_url", "sqlite:///lockgate.db",
+            "Store URL: sqlite:///PATH (default, in the working directory) or postgresql://USER@HOST/DB.", str),
+    Setting("policy_dir", None,
+            "Folder of .rego and .json policy files; default: the policies shipped with Lockgate.",
+            _optional_str),
+    Setting("models", DEFAULT_MODELS,
+            "Model catalog: list of {name, provider, upstream_model, base_url, api_key_env, "
+            "input_usd_per_mtok, output_usd_per_mtok, timeout_s}; JSON when set from the environment.",
+            _models),
+    Setting("upstream_timeout_s", 120.0, "Seconds to wait for a provider's answer (per attempt).",
+            _positive(float)),
+    Setting("upstream_connect_timeout_s", 5.0, "Seconds to wait for a connection to a provider.",
+            _positive(float)),
+    Setting("upstream_retries", 1, "Extra attempts on the same model after a retryable provider error.",
+            _positive(int)),
+    Setting("upstream_max_connections", 256, "Pooled connections to providers, in all.", _positive(int)),
+    Setting("auth_cache_ttl_s", 5.0,
+            "Seconds a verified key stays cached in memory; a revoked key is refused within this time.",
+            _positive(float)),
+    Setting("spend_cache_ttl_s", 1.0, "Seconds the spend shown to the policy may be stale.",
+            _positive(float)),
+    Setting("audit_flush_interval_s", 0.2, "Seconds between writes of buffered audit rows to the store.",
+            _positive(float)),
+    Setting("audit_batch_size", 512, "Buffered audit rows that trigger an immediate write.", _positive(int)),
+    Setting("max_request_bytes", 4 * 1024 * 1024, "Largest request body accepted.", _positive(int)),
+    Setting("mock_stream_delay_s", 0.0, "Pause between streamed chunks of the mock provider.",
+            _positive(float)),
+    Setting("log_level", "info", "Log level.", _choice("debug", "info", "warning", "error")),
+    Setting("access_log", False, "Log one line per HTTP request.", _bool),
+)
+
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+class Settings:
+    """Parsed, validated values; read them as attributes (``settings.port``)."""
+
+    def __init__(self, values: Mapping[str, Any], environ: Mapping[str, str]) -> None:
+        self._values = dict(values)
+        self._environ = environ
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def secret(self, env_name: str) -> str:
+        """A provider key, read from the environment variable a model names."""
+        return self._environ.get(env_name, "") if env_name else ""
+
+    def replace(self, **changes: Any) -> Settings:
+        values = dict(self._values)
+        for name, value in changes.items():
+            values[name] = _parse(_BY_NAME[name], value, "override")
+        return Settings(values, self._environ)
+
+
+def _parse(setting: Setting, raw: Any, source: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise SettingsError(f"setting {setting.name} from {source}: {exc}") from None
+
+
+def load_settings(config_path: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    environ = os.environ if environ is None else environ
+    path = config_path or environ.get(ENV_PREFIX + "CONFIG")
+    file_values: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"config file {path} must hold a mapping of settings")
+        unknown = sorted(set(loaded) - set(_BY_NAME))
+        if unknown:
+            raise SettingsError(f"config file {path}: unknown settings {', '.join(unknown)}")
+        file_values = loaded
+
+    known_env = {ENV_PREFIX + name.upper() for name in _BY_NAME} | {ENV_PREFIX + "CONFIG"}
+    unknown_env = sorted(key for key in environ if key.startswith(ENV_PREFIX) and key not in known_env)
+    if unknown_env:
+        raise SettingsError(f"unknown environment settings {', '.join(unknown_env)}")
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        env_key = ENV_PREFIX + setting.name.upper()
+        if setting.name in overrides and overrides[setting.name] is not None:
+            values[setting.name] = _parse(setting, overrides[setting.name], "command line")
+        elif env_key in environ:
+            values[setting.name] = _parse(setting, environ[env_key], env_key)
+        elif setting.name in file_values:
+            values[setting.name] = _parse(setting, file_values[setting.name], str(path))
+        else:
+            values[setting.name] = _parse(setting, setting.default, "default")
+    return Settings(values, environ)
+
+
+def describe_settings() -> str:
+    """The settings table for ``lockgate settings`` and docs/settings.md."""
+    lines = ["| setting | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        default = "(the shipped mock models)" if s.name == "models" else f"`{s.default}`"
+        lines.append(f"| `{s.name}` | `{ENV_PREFIX}{s.name.upper()}` | {default} | {s.help} |")
+    return "\n".join(lines)
