@@ -1,0 +1,1 @@
+"""Loopback stand-ins for remote model providers, speaking their real wire formats."""
