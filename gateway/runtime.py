@@ -56,6 +56,7 @@ class Runtime:
         await self.audit.close()
         await self.http.aclose()
         await self.engine.dispose()
+        self.policy.engine.close()
 
 
 def build_policy(settings: Settings) -> PolicyStage:

@@ -42,9 +42,11 @@ def map_upstream_errors() -> Iterator[None]:
     except UpstreamError:
         raise
     except httpx.TimeoutException as exc:
-        # httpx-aiohttp reports a dropped connection as ConnectTimeout; say what happened.
-        if isinstance(exc.__cause__, aiohttp.ServerDisconnectedError):
-            raise UpstreamUnavailable("The model provider closed the connection.") from exc
+        # httpx-aiohttp 0.2 maps every aiohttp connection error (refused, reset, disconnected) to
+        # ConnectTimeout; only a real timeout underneath is a timeout.
+        cause = exc.__cause__
+        if isinstance(cause, aiohttp.ClientError) and not isinstance(cause, TimeoutError):
+            raise UpstreamUnavailable() from exc
         raise UpstreamTimeout() from exc
     except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ProxyError) as exc:
         raise UpstreamUnavailable() from exc

@@ -47,6 +47,11 @@ class EmbeddedEngine:
             raise PolicyEngineError(f"policy does not compile: {_first_line(exc)}") from None
         self._rules = _rule_paths(ast)
 
+    def close(self) -> None:
+        """Drop the engine on its own thread (regorus refuses to be freed from another)."""
+        if threading.get_ident() == self._thread:
+            self._engine = None  # type: ignore[assignment]
+
     @property
     def rule_paths(self) -> frozenset[str]:
         return frozenset(self._rules)

@@ -1,0 +1,496 @@
+"""A loopback stand-in for OpenAI's chat-completions API, speaking its real wire format.
+
+Each test scripts what the fake answers, one cassette per request, in order::
+
+    upstream.script(error(503), reply("Hello"), reply(tool_calls=(ToolCall("search_web"),)))
+
+and reads what the gateway sent from ``upstream.requests`` (headers and JSON body). A reply
+answers in the mode the request asked for: a ``chat.completion`` object (indented, as OpenAI
+sends it) or ``chat.completion.chunk`` server-sent events ending in ``data: [DONE]``, with the
+usage chunk (``choices: []``) only when ``stream_options.include_usage`` was set.
+
+It is a real HTTP/1.1 server (h11 over asyncio, in a thread with its own event loop) on a free
+127.0.0.1 port, so the gateway reaches it over TCP exactly as it reaches a provider: chunked
+bodies, keep-alive, connections dropped in the middle of a reply, and SSE events split across
+separate TCP writes at arbitrary byte boundaries. When the script runs out it answers 500, so
+an unexpected extra request shows up as a failure, never as a silent success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+
+CREATED = 1767225600  # a fixed clock: 2026-01-01T00:00:00Z
+GATE_TIMEOUT_S = 10.0  # a held stream gives up waiting after this long, so no test can hang on it
+
+DEFAULT_ERRORS: dict[int, tuple[str, str, str | None]] = {
+    400: ("Invalid request.", "invalid_request_error", None),
+    401: ("Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
+          "invalid_request_error", "invalid_api_key"),
+    403: ("You are not allowed to sample from this model.", "invalid_request_error", "model_not_allowed"),
+    404: ("The model does not exist or you do not have access to it.", "invalid_request_error", "model_not_found"),
+    429: ("Rate limit reached for requests. Please try again in 20ms.", "requests", "rate_limit_exceeded"),
+    500: ("The server had an error while processing your request. Sorry about that!", "server_error", None),
+    502: ("Bad gateway.", "server_error", None),
+    503: ("The engine is currently overloaded, please try again later.", "server_error", None),
+}
+
+
+class Gate:
+    """Holds a streaming reply after some events until the test opens it (or GATE_TIMEOUT_S passes)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def open(self) -> None:
+        self._event.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str = '{"query": "lockgate"}'
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful answer, as a chat.completion or as a stream, whichever the request asked for.
+
+    Streaming knobs: ``split`` writes the SSE bytes in pieces of that many bytes, each its own
+    chunk and TCP write; ``hold`` pauses after ``hold_after_events`` events until the gate opens;
+    ``cut_after_events`` stops after that many whole events plus ``cut_partial_bytes`` bytes of
+    the next, then either drops the connection (the chunked body never ends) or, with
+    ``cut_cleanly``, ends the body as if it were complete (no ``[DONE]``).
+    """
+
+    content: str | None = "Hello from the fake provider."
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str | None = None
+    prompt_tokens: int = 9
+    completion_tokens: int = 12
+    model: str | None = None
+    split: int | None = None
+    pause_s: float = 0.001
+    hold: Gate | None = None
+    hold_after_events: int = 1
+    cut_after_events: int | None = None
+    cut_partial_bytes: int = 0
+    cut_cleanly: bool = False
+
+    @property
+    def finish(self) -> str:
+        return self.finish_reason or ("tool_calls" if self.tool_calls else "stop")
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        }
+
+    def _tool_call_json(self, index: int, call: ToolCall) -> dict[str, Any]:
+        return {"id": call.id or f"call_fake{index}", "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
+
+    def completion(self, model: str) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.content, "refusal": None, "annotations": []}
+        if self.tool_calls:
+            message["tool_calls"] = [self._tool_call_json(i, c) for i, c in enumerate(self.tool_calls)]
+        return {
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": CREATED, "model": self.model or model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish}],
+            "usage": self.usage(), "service_tier": "default", "system_fingerprint": "fp_fake",
+        }
+
+    def chunks(self, model: str, include_usage: bool) -> list[dict[str, Any]]:
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": CREATED,
+                "model": self.model or model, "service_tier": "default", "system_fingerprint": "fp_fake"}
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            event = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": finish_reason}]}
+            if include_usage:
+                event["usage"] = None  # OpenAI sends usage: null on every chunk but the last
+            return event
+
+        first: dict[str, Any] = {"role": "assistant", "content": "" if self.content is not None else None,
+                                 "refusal": None}
+        chunks: list[dict[str, Any]] = []
+        for index, call in enumerate(self.tool_calls):
+            opening = {"index": index, **self._tool_call_json(index, call)}
+            opening["function"] = {"name": call.name, "arguments": ""}
+            if index == 0 and self.content is None:
+                first["tool_calls"] = [opening]
+            else:
+                chunks.append(chunk({"tool_calls": [opening]}))
+            for start in range(0, len(call.arguments), 8):
+                piece = call.arguments[start:start + 8]
+                chunks.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+        chunks.insert(0, chunk(first))
+        if self.content:
+            words = self.content.split(" ")
+            chunks[1:1] = [chunk({"content": word if i == 0 else " " + word}) for i, word in enumerate(words)]
+        chunks.append(chunk({}, self.finish))
+        if include_usage:
+            chunks.append({**base, "choices": [], "usage": self.usage()})
+        return chunks
+
+    def events(self, model: str, include_usage: bool) -> list[bytes]:
+        return [sse(c) for c in self.chunks(model, include_usage)] + [DONE]
+
+
+@dataclass(frozen=True)
+class Error:
+    """An OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` with a status."""
+
+    status: int
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                     "code": self.code}}, indent=2).encode()
+
+
+@dataclass(frozen=True)
+class Delay:
+    """Wait (until the client gives up, at most ``seconds``), then answer with ``then``."""
+
+    seconds: float
+    then: Reply | Error
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Close the connection without answering."""
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Any status and body, for answers that are not OpenAI's."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+Cassette = Reply | Error | Delay | Drop | Raw
+
+
+def reply(content: str | None = "Hello from the fake provider.", **options: Any) -> Reply:
+    return Reply(content=content, **options)
+
+
+def tool_reply(*names: str, content: str | None = None, **options: Any) -> Reply:
+    calls = tuple(ToolCall(name, arguments=json.dumps({"query": f"{name} {i}"}), id=f"call_{i}_{name}")
+                  for i, name in enumerate(names))
+    return Reply(content=content, tool_calls=calls, **options)
+
+
+def error(status: int, message: str | None = None, *, type: str | None = None, code: str | None = None,
+          param: str | None = None, headers: tuple[tuple[str, str], ...] = ()) -> Error:
+    default_message, default_type, default_code = DEFAULT_ERRORS.get(status, ("Error.", "server_error", None))
+    return Error(status=status, message=message or default_message, type=type or default_type,
+                 code=code if code is not None else default_code, param=param, headers=headers)
+
+
+def delay(seconds: float, then: Reply | Error | None = None) -> Delay:
+    return Delay(seconds, then or Reply())
+
+
+def drop() -> Drop:
+    return Drop()
+
+
+def raw(status: int, body: bytes, content_type: str = "application/json") -> Raw:
+    return Raw(status, body, content_type)
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    raw_body: bytes
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> Any:
+        return self.body.get("model")
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+
+class FakeOpenAI:
+    """The fake provider. Use ``FakeOpenAI.running()``; ``url`` is the base URL (``.../v1``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._script: deque[Cassette] = deque()
+        self._requests: list[RecordedRequest] = []
+        self._replies: list[bytes] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._shutdown: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._thread = threading.Thread(target=self._run, name="fake-openai", daemon=True)
+        self.port = 0
+
+    # --- what tests use ------------------------------------------------------------------------
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls) -> Iterator[FakeOpenAI]:
+        fake = cls()
+        fake.start()
+        try:
+            yield fake
+        finally:
+            fake.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, *cassettes: Cassette) -> None:
+        with self._lock:
+            self._script.extend(cassettes)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def replies(self) -> list[bytes]:
+        """The body bytes of each answer, as far as they were sent."""
+        with self._lock:
+            return list(self._replies)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._script)
+
+    # --- the server thread --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the fake OpenAI server did not start")
+
+    def stop(self) -> None:
+        if self._shutdown is not None:
+            self._loop.call_soon_threadsafe(self._shutdown.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+        finally:
+            self._loop.close()
+
+    async def _main(self) -> None:
+        self._shutdown = asyncio.Event()
+        server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.port = int(server.sockets[0].getsockname()[1])
+        self._ready.set()
+        try:
+            await self._shutdown.wait()
+        finally:
+            server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own segment
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request = await self._read_request(conn, reader)
+                if request is None:
+                    return
+                keep_alive = await self._answer(self._next(request), request, conn, reader, writer)
+                if not keep_alive or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError):
+            return
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> RecordedRequest | None:
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return self._record(head, bytes(body))
+            else:  # ConnectionClosed or PAUSED: the client is done with this connection
+                return None
+
+    def _record(self, head: h11.Request, body: bytes) -> RecordedRequest:
+        try:
+            parsed = json.loads(body) if body else {}
+        except ValueError:
+            parsed = {}
+        request = RecordedRequest(
+            method=head.method.decode(), path=head.target.decode(),
+            headers={name.decode().lower(): value.decode() for name, value in head.headers},
+            raw_body=body, body=parsed if isinstance(parsed, dict) else {},
+        )
+        with self._lock:
+            self._requests.append(request)
+        return request
+
+    def _next(self, request: RecordedRequest) -> Cassette:
+        if (request.method, request.path) != ("POST", "/v1/chat/completions"):
+            return Error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
+        with self._lock:
+            if self._script:
+                return self._script.popleft()
+        return Error(500, "fake upstream: no cassette was scripted for this request", "server_error")
+
+    # --- answers ------------------------------------------------------------------------------
+
+    async def _answer(self, cassette: Cassette, request: RecordedRequest, conn: h11.Connection,
+                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if isinstance(cassette, Delay):
+            if not await self._wait_unless_disconnected(conn, reader, cassette.seconds):
+                return False
+            cassette = cassette.then
+        if isinstance(cassette, Drop):
+            return False
+        if isinstance(cassette, Raw):
+            return await self._whole(conn, writer, cassette.status, cassette.body, cassette.content_type, ())
+        if isinstance(cassette, Error):
+            return await self._whole(conn, writer, cassette.status, cassette.body(), "application/json",
+                                     cassette.headers)
+        model = str(request.model or "")
+        if not request.stream:
+            body = json.dumps(cassette.completion(model), indent=2).encode()
+            return await self._whole(conn, writer, 200, body, "application/json", ())
+        include_usage = bool((request.body.get("stream_options") or {}).get("include_usage"))
+        return await self._stream(conn, writer, cassette, cassette.events(model, include_usage))
+
+    async def _wait_unless_disconnected(self, conn: h11.Connection, reader: asyncio.StreamReader,
+                                        seconds: float) -> bool:
+        """False when the client closes the connection before ``seconds`` have passed."""
+        try:
+            data = await asyncio.wait_for(reader.read(65536), timeout=seconds)
+        except TimeoutError:
+            return True
+        if not data:
+            return False
+        conn.receive_data(data)  # an early byte of the next request: keep it for h11
+        return True
+
+    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, event: Any) -> None:
+        data = conn.send(event)
+        if data:
+            writer.write(data)
+            await writer.drain()
+
+    async def _whole(self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
+                     content_type: str, extra: tuple[tuple[str, str], ...]) -> bool:
+        headers = [("content-type", content_type), ("content-length", str(len(body))),
+                   ("x-request-id", "req_fake"), ("openai-processing-ms", "7"), *extra]
+        await self._send(conn, writer, h11.Response(status_code=status, headers=headers))
+        await self._send(conn, writer, h11.Data(data=body))
+        await self._send(conn, writer, h11.EndOfMessage())
+        with self._lock:
+            self._replies.append(body)
+        return True
+
+    async def _stream(self, conn: h11.Connection, writer: asyncio.StreamWriter, cassette: Reply,
+                      events: list[bytes]) -> bool:
+        headers = [("content-type", "text/event-stream; charset=utf-8"), ("x-request-id", "req_fake"),
+                   ("openai-processing-ms", "7")]
+        await self._send(conn, writer, h11.Response(status_code=200, headers=headers))
+        complete = True
+        if cassette.cut_after_events is not None:
+            following = events[cassette.cut_after_events] if cassette.cut_after_events < len(events) else b""
+            events = [*events[:cassette.cut_after_events], following[:cassette.cut_partial_bytes]]
+            complete = cassette.cut_cleanly
+        # Split the whole byte stream (not each event), so pieces straddle event boundaries too;
+        # a held stream is cut at the hold, so the client has exactly the events before it.
+        hold_at = len(b"".join(events[:cassette.hold_after_events])) if cassette.hold else -1
+        stream = b"".join(events)
+        segments = [stream[:hold_at], stream[hold_at:]] if hold_at >= 0 else [stream]
+        sent = bytearray()
+        try:
+            for number, segment in enumerate(segments):
+                if number == 1 and cassette.hold is not None:
+                    await self._wait_for_gate(cassette.hold)
+                for piece in _pieces(segment, cassette.split):
+                    await self._send(conn, writer, h11.Data(data=piece))
+                    sent += piece
+                    if cassette.split:
+                        await asyncio.sleep(cassette.pause_s)  # let each piece leave as its own segment
+        finally:
+            with self._lock:
+                self._replies.append(bytes(sent))
+        if not complete:
+            return False  # close with the chunked body unfinished: a provider that died mid-reply
+        await self._send(conn, writer, h11.EndOfMessage())
+        return True
+
+    async def _wait_for_gate(self, gate: Gate) -> None:
+        for _ in range(int(GATE_TIMEOUT_S / 0.005)):
+            if gate.is_open:
+                return
+            await asyncio.sleep(0.005)
+
+
+def _pieces(data: bytes, size: int | None) -> list[bytes]:
+    if not data:
+        return []
+    if not size:
+        return [data]
+    return [data[start:start + size] for start in range(0, len(data), size)]

@@ -1,0 +1,166 @@
+"""The policy stage: the shipped policy's own tests, the guards around regorus, and fail-closed calls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.auth import KeyStore
+from gateway.policy import DECISION, build_input, parse_decision
+from gateway.policy.embedded import EmbeddedEngine, PolicyEngineError
+from gateway.policy.source import PolicyLoadError, PolicySource, load_policy_source
+from gateway.runtime import StartupError, build_policy
+from gateway.settings import load_settings
+from gateway.types import CallFacts, Principal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_policy(folder: Path, rego: str, data: dict | None = None) -> Path:  # type: ignore[type-arg]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lockgate.rego").write_text(rego)
+    (folder / "data.json").write_text(json.dumps(data or {}))
+    return folder
+
+
+def lockgate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
+def test_shipped_policy_tests_pass() -> None:
+    result = lockgate("policy", "test")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "7 passed, 0 failed" in result.stdout
+
+
+def test_a_failing_policy_test_fails_the_run(tmp_path: Path) -> None:
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for name in ("lockgate.rego", "data.json", "lockgate_test.rego"):
+        (folder / name).write_text((ROOT / "policies" / name).read_text())
+    (folder / "extra_test.rego").write_text(
+        "package extra_test\nimport rego.v1\nimport data.lockgate\n"
+        "test_support_may_use_smart if {\n"
+        "  d := lockgate.decision with input as {\"principal\": {\"team\": \"support\"}, "
+        "\"request\": {\"model\": \"mock-smart\", \"tools\": []}}\n  d.allow\n}\n")
+    result = lockgate("policy", "test", "--policy-dir", str(folder))
+    assert result.returncode == 1
+    assert "FAIL data.extra_test.test_support_may_use_smart" in result.stdout
+    assert "7 passed, 1 failed" in result.stdout
+
+
+@pytest.mark.parametrize("call", ["http.send({\"method\": \"get\", \"url\": \"http://x\"})",
+                                  "net.lookup_ip_addr(\"x\")", "opa.runtime()"])
+def test_policies_that_reach_the_network_are_refused(tmp_path: Path, call: str) -> None:
+    folder = write_policy(tmp_path / "p", f"package lockgate\nimport rego.v1\nx := {call}\n"
+                                          "decision := {\"allow\": true}\n")
+    with pytest.raises(PolicyLoadError, match="may not use"):
+        load_policy_source(folder, ())
+
+
+def test_a_comment_mentioning_http_send_is_fine(tmp_path: Path) -> None:
+    folder = write_policy(tmp_path / "p", "package lockgate\n# never use http.send here\ndecision := {\"allow\": true}\n")
+    assert load_policy_source(folder, ()).modules
+
+
+def test_a_policy_that_crashes_the_engine_stops_startup(tmp_path: Path) -> None:
+    # A recursive function kills a process running regorus; the preflight child takes the hit.
+    folder = write_policy(tmp_path / "p", "package lockgate\nimport rego.v1\nf(x) := y if { y := f(x) }\n"
+                                          "decision := {\"allow\": f(1)}\n")
+    settings = load_settings(environ={"LOCKGATE_POLICY_DIR": str(folder)})
+    with pytest.raises(StartupError, match="crashed the engine"):
+        build_policy(settings)
+
+
+def test_serve_refuses_a_broken_policy_with_a_clear_message(tmp_path: Path) -> None:
+    folder = write_policy(tmp_path / "p", "package lockgate\ndecision := {\"allow\": true\n")
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", "1"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path,
+                            env={"LOCKGATE_POLICY_DIR": str(folder), "PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    assert result.returncode == 2
+    assert "cannot be used" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_policy_without_the_decision_rule_stops_startup(tmp_path: Path) -> None:
+    folder = write_policy(tmp_path / "p", "package lockgate\nallow := true\n")
+    with pytest.raises(StartupError, match="defines no data.lockgate.decision"):
+        build_policy(load_settings(environ={"LOCKGATE_POLICY_DIR": str(folder)}))
+
+
+def test_engine_refuses_other_threads_instead_of_panicking() -> None:
+    engine = EmbeddedEngine(PolicySource(modules={"a.rego": "package lockgate\ndecision := {\"allow\": true}\n"},
+                                         data={}))
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            engine.evaluate(DECISION, {})
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and isinstance(errors[0], PolicyEngineError)
+    assert engine.evaluate(DECISION, {}) == {"allow": True}
+
+
+def test_money_is_given_as_float_and_integer_micro_dollars() -> None:
+    facts = CallFacts(endpoint="chat.completions", model="m", stream=False, max_tokens=None, tools=(),
+                      message_count=1, metadata={}, input_tokens=1, output_tokens_max=1)
+    principal = Principal(key_id="k", user="u", team="t", org="o")
+    policy_input = build_input(principal, facts, 1_234_567, {"team:t": {"month": 3_200_000}}, "2026-11-25T00:00:00Z")
+    assert policy_input["estimate"]["cost_micro_usd_max"] == 1_234_567
+    assert policy_input["estimate"]["cost_usd_max"] == pytest.approx(1.234567)
+    assert policy_input["spend"]["team:t"] == {"month": 3.2, "month_micro_usd": 3_200_000}
+
+
+@pytest.mark.parametrize("raw", [None, {"allow": "yes"}, {"allow": True, "reasons": "one"},
+                                 {"allow": True, "budgets": [{"scope": "team:x"}]},
+                                 {"allow": True, "route": {"model": 3}}])
+def test_decisions_of_the_wrong_shape_are_engine_errors(raw: object) -> None:
+    with pytest.raises(PolicyEngineError):
+        parse_decision(raw)
+
+
+CONFLICTING = """package lockgate
+import rego.v1
+# Two complete rules that disagree for team research: evaluation fails for that team only.
+decision := {"allow": true} if input.principal.team == "research"
+decision := {"allow": false} if input.principal.team == "research"
+decision := {"allow": "sure"} if input.principal.team == "odd"
+"""
+
+
+@pytest.mark.parametrize("team", ["research", "odd"])
+def test_a_policy_error_denies_the_call_and_is_audited(tmp_path: Path, team: str) -> None:
+    folder = write_policy(tmp_path / "p", CONFLICTING)
+    settings = load_settings(environ={"LOCKGATE_POLICY_DIR": str(folder),
+                                      "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db"})
+    with TestClient(create_app(settings)) as client:
+        runtime = client.app_state["runtime"]
+
+        async def make_key() -> str:
+            return (await KeyStore(runtime.engine, 0).create(user="ana", team=team)).key
+
+        key = client.portal.call(make_key)  # type: ignore[union-attr]
+        response = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                               json={"model": "mock-fast", "messages": [{"role": "user", "content": "x"}]})
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "policy_error"
+        client.portal.call(runtime.audit.flush)  # type: ignore[union-attr]
+
+        async def records() -> list[dict]:  # type: ignore[type-arg]
+            from gateway.audit.reader import list_decisions
+            return await list_decisions(runtime.engine)
+
+        [record] = client.portal.call(records)  # type: ignore[union-attr]
+    assert (record["outcome"], record["error_type"]) == ("denied", "policy_error")

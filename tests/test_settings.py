@@ -1,0 +1,63 @@
+"""Settings: declared once, documented, parsed from file and environment, loud on bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import SETTINGS, SettingsError, describe_settings, load_settings
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+
+
+def test_every_setting_is_documented_in_docs() -> None:
+    assert describe_settings() in DOCS.read_text(), "docs/settings.md is stale: regenerate it with `lockgate settings`"
+    for setting in SETTINGS:
+        assert setting.help.strip(), f"setting {setting.name} has no help text"
+
+
+def test_defaults_need_no_file_or_environment() -> None:
+    settings = load_settings(environ={})
+    assert settings.database_url == "sqlite:///lockgate.db"
+    assert [m.name for m in settings.models] == ["mock-fast", "mock-smart"]
+    assert all(m.provider == "mock" for m in settings.models)
+
+
+def test_environment_beats_file_beats_default(tmp_path: Path) -> None:
+    config = tmp_path / "lockgate.yaml"
+    config.write_text("port: 9000\nupstream_retries: 3\nmodels:\n  - {name: local, provider: openai, "
+                      "base_url: 'http://127.0.0.1:11434/v1', upstream_model: llama3}\n")
+    settings = load_settings(environ={"LOCKGATE_CONFIG": str(config), "LOCKGATE_PORT": "9100"})
+    assert settings.port == 9100
+    assert settings.upstream_retries == 3
+    [model] = settings.models
+    assert (model.name, model.upstream_model, model.base_url) == ("local", "llama3", "http://127.0.0.1:11434/v1")
+    assert load_settings(config, environ={}, port=9200).port == 9200
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"LOCKGATE_PORT": "eighty"}, "LOCKGATE_PORT"),
+    ({"LOCKGATE_UPSTREAM_RETRIES": "-1"}, "must not be negative"),
+    ({"LOCKGATE_ACCESS_LOG": "maybe"}, "expected true or false"),
+    ({"LOCKGATE_LOG_LEVEL": "loud"}, "expected one of"),
+    ({"LOCKGATE_MODELS": '[{"name": "x"}]'}, "name and provider"),
+    ({"LOCKGATE_MODELS": '[{"name": "x", "provider": "mock", "colour": "red"}]'}, "colour"),
+    ({"LOCKGATE_PROT": "8080"}, "unknown environment settings LOCKGATE_PROT"),
+])
+def test_bad_values_fail_loudly(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(environ=environ)
+
+
+def test_unknown_settings_in_file_fail(tmp_path: Path) -> None:
+    config = tmp_path / "lockgate.yaml"
+    config.write_text("prot: 1\n")
+    with pytest.raises(SettingsError, match="unknown settings prot"):
+        load_settings(config, environ={})
+
+
+def test_provider_keys_come_from_the_named_variable_only() -> None:
+    settings = load_settings(environ={"OPENAI_API_KEY": "sk-test"})
+    assert settings.secret("OPENAI_API_KEY") == "sk-test"
+    assert settings.secret("") == ""
