@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_traces_show)
 
-    approvals = commands.add_parser("approvals", help="the approval queue").add_subparsers(dest="approvals", required=True)
+    approvals = commands.add_parser("approvals", help="the approval queue").add_subparsers(
+        dest="approvals", required=True)
     alist = approvals.add_parser("list", help="approvals, oldest first")
     alist.add_argument("--status", default="pending", choices=["pending", "approved", "denied", "used", "all"])
     alist.set_defaults(func=cmd_approvals_list)

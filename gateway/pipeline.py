@@ -209,8 +209,9 @@ class ChatPipeline:
     async def _settle(self, record: CallRecord) -> None:
         if record.reservation is None:
             return
-        model = record.route.model if record.route else None
-        record.cost_micro_usd = model.cost_micro_usd(record.usage.input_tokens, record.usage.output_tokens) if model else 0
+        usage = record.usage
+        record.cost_micro_usd = record.route.model.cost_micro_usd(usage.input_tokens, usage.output_tokens) \
+            if record.route else 0
         reservation, record.reservation = record.reservation, None
         try:
             await self.ledger.settle(reservation, record.cost_micro_usd)

@@ -89,7 +89,8 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     http = build_http_client(timeout_s=settings.upstream_timeout_s,
                              connect_timeout_s=settings.upstream_connect_timeout_s,
                              max_connections=settings.upstream_max_connections)
-    providers: dict[str, Provider] = {"openai": OpenAIProvider(http), "mock": MockProvider(settings.mock_stream_delay_s)}
+    providers: dict[str, Provider] = {"openai": OpenAIProvider(http),
+                                      "mock": MockProvider(settings.mock_stream_delay_s)}
     try:
         router = Router(settings.models, providers, settings.secret, tracer, settings.upstream_retries)
     except ValueError as exc:

@@ -57,7 +57,8 @@ def test_streaming_arrives_as_separate_chunks(gateway: Gateway) -> None:
     assert record["stream"] and record["outcome"] == "allowed"
     assert record["output_tokens"] == len(text.split(" "))
     upstream = next(s for s in spans if s["kind"] == "CLIENT")
-    assert upstream["name"] == "chat mock-smart" and upstream["attributes"]["gen_ai.usage.output_tokens"] == len(text.split(" "))
+    assert upstream["name"] == "chat mock-smart"
+    assert upstream["attributes"]["gen_ai.usage.output_tokens"] == len(text.split(" "))
 
 
 def test_stream_is_relayed_event_by_event_not_buffered(store_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -144,7 +145,7 @@ def test_revoked_key_is_refused(store_url: str, tmp_path) -> None:  # type: igno
         key = server.create_key()
         assert client(server, key).chat.completions.create(
             model="fast", messages=[{"role": "user", "content": "x"}]).choices
-        key_id = [line.split()[0] for line in server.cli("keys", "list").stdout.splitlines() if "ana" in line][0]
+        key_id = next(line.split()[0] for line in server.cli("keys", "list").stdout.splitlines() if "ana" in line)
         assert server.cli("keys", "revoke", key_id).returncode == 0
         with pytest.raises(openai.AuthenticationError):
             client(server, key).chat.completions.create(model="fast", messages=[{"role": "user", "content": "x"}])

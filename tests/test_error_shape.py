@@ -13,7 +13,6 @@ from starlette.testclient import TestClient
 from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.settings import load_settings
-from tests.conftest import run
 
 POLICY = (Path(__file__).resolve().parents[1] / "policies" / "lockgate.rego").read_text()
 
@@ -30,7 +29,8 @@ def app_client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
     policies.mkdir()
     (policies / "lockgate.rego").write_text(POLICY)
     (policies / "data.json").write_text(json.dumps({"lockgate": {
-        "aliases": {"ghost": "not-in-catalog"}, "fallbacks": {}, "approval_tools": {"transfer_funds": {"approvers": ["finance"]}},
+        "aliases": {"ghost": "not-in-catalog"}, "fallbacks": {},
+        "approval_tools": {"transfer_funds": {"approvers": ["finance"]}},
         "teams": {
             "research": {"models": ["mock-fast", "not-in-catalog", "down"], "monthly_budget_usd": 100},
             "broke": {"models": ["mock-fast"], "monthly_budget_usd": 0},

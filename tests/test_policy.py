@@ -67,7 +67,8 @@ def test_policies_that_reach_the_network_are_refused(tmp_path: Path, call: str) 
 
 
 def test_a_comment_mentioning_http_send_is_fine(tmp_path: Path) -> None:
-    folder = write_policy(tmp_path / "p", "package lockgate\n# never use http.send here\ndecision := {\"allow\": true}\n")
+    folder = write_policy(tmp_path / "p",
+                          "package lockgate\n# never use http.send here\ndecision := {\"allow\": true}\n")
     assert load_policy_source(folder, ()).modules
 
 
@@ -91,7 +92,7 @@ def test_serve_refuses_a_broken_policy_with_a_clear_message(tmp_path: Path) -> N
 
 def test_a_policy_without_the_decision_rule_stops_startup(tmp_path: Path) -> None:
     folder = write_policy(tmp_path / "p", "package lockgate\nallow := true\n")
-    with pytest.raises(StartupError, match="defines no data.lockgate.decision"):
+    with pytest.raises(StartupError, match=r"defines no data\.lockgate\.decision"):
         build_policy(load_settings(environ={"LOCKGATE_POLICY_DIR": str(folder)}))
 
 

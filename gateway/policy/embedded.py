@@ -90,7 +90,7 @@ def _ref_names(ref: dict[str, Any]) -> list[str]:
         return [ref["Var"]["value"]]
     if "RefDot" in ref:
         inner = ref["RefDot"]
-        return _ref_names(inner["refr"]) + [inner["field"][1]]
+        return [*_ref_names(inner["refr"]), inner["field"][1]]
     if "RefBrack" in ref:
         return _ref_names(ref["RefBrack"]["refr"])
     return []
