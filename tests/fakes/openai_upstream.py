@@ -51,6 +51,7 @@ class Gate:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self.timed_out = False  # set when the fake stopped waiting: the test never opened the gate
 
     def open(self) -> None:
         self._event.set()
@@ -486,6 +487,7 @@ class FakeOpenAI:
             if gate.is_open:
                 return
             await asyncio.sleep(0.005)
+        gate.timed_out = True
 
 
 def _pieces(data: bytes, size: int | None) -> list[bytes]:
