@@ -16,7 +16,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from gateway.errors import GatewayError, ModelNotFound, UpstreamError
+from gateway.errors import GatewayError, ModelNotFound, UpstreamError, UpstreamUnavailable
 from gateway.types import CatalogModel, Completion, Provider, StreamSummary, UpstreamCall
 
 RETRY_BACKOFF_S = 0.05
@@ -113,7 +113,10 @@ class Router:
             span = self._start_span(model, parent)
             events = self._providers[model.provider].stream(self._call(model, body, include_usage), summary)
             try:
-                first = await anext(events)
+                try:
+                    first = await anext(events)
+                except StopAsyncIteration:
+                    raise UpstreamUnavailable("The model provider ended the stream without an event.") from None
             except UpstreamError as exc:
                 self._end_span(span, exc, None)
                 await events.aclose()  # type: ignore[attr-defined]

@@ -165,3 +165,45 @@ def test_a_policy_error_denies_the_call_and_is_audited(tmp_path: Path, team: str
 
         [record] = client.portal.call(records)  # type: ignore[union-attr]
     assert (record["outcome"], record["error_type"]) == ("denied", "policy_error")
+
+
+REVIEWING = """package lockgate
+import rego.v1
+decision := {"allow": true, "reasons": ["ok"]}
+response_decision := {"allow": false, "reasons": ["the model may not call delete_repo"]} if {
+    "delete_repo" in input.response.tool_calls
+}
+response_decision := {"allow": true} if { not "delete_repo" in input.response.tool_calls }
+"""
+
+
+def test_response_policy_withholds_a_reply_with_a_forbidden_tool_call(tmp_path: Path) -> None:
+    folder = write_policy(tmp_path / "p", REVIEWING)
+    settings = load_settings(environ={"LOCKGATE_POLICY_DIR": str(folder),
+                                      "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db"})
+    with TestClient(create_app(settings)) as client:
+        runtime = client.app_state["runtime"]
+
+        async def make_key() -> str:
+            return (await KeyStore(runtime.engine, 0).create(user="ana", team="any")).key
+
+        headers = {"Authorization": f"Bearer {client.portal.call(make_key)}"}  # type: ignore[union-attr]
+
+        def ask(tool: str) -> object:
+            return client.post("/v1/chat/completions", headers=headers, json={
+                "model": "mock-fast", "messages": [{"role": "user", "content": "go"}],
+                "tools": [{"type": "function", "function": {"name": tool, "parameters": {}}}]})
+
+        allowed, withheld = ask("read_repo"), ask("delete_repo")
+        assert allowed.status_code == 200  # type: ignore[attr-defined]
+        assert withheld.status_code == 403  # type: ignore[attr-defined]
+        assert "the model may not call delete_repo" in withheld.json()["error"]["message"]  # type: ignore[attr-defined]
+        client.portal.call(runtime.audit.flush)  # type: ignore[union-attr]
+
+        async def records() -> list[dict]:  # type: ignore[type-arg]
+            from gateway.audit.reader import list_decisions
+            return await list_decisions(runtime.engine)
+
+        record = next(r for r in client.portal.call(records) if r["status_code"] == 403)  # type: ignore[union-attr]
+    assert record["reasons"] == ["the model may not call delete_repo"]
+    assert record["output_tokens"] > 0 and record["cost_micro_usd"] > 0  # the provider was paid all the same
