@@ -181,3 +181,22 @@ def test_models_lists_what_the_key_may_use(gateway: Gateway) -> None:
 
     assert sorted(m.id for m in research.data) == ["mock-fast", "mock-smart"]
     assert [m.id for m in support.data] == ["mock-fast"]
+
+
+def test_client_leaving_mid_stream_stops_the_call_and_is_recorded(store_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    server = start_gateway(store_url, tmp_path, mock_stream_delay_s="0.2")
+    try:
+        key = server.create_key()
+        words = " ".join(f"w{i}" for i in range(50))  # ten seconds of stream if nobody left
+        body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": words}]}
+        with httpx.stream("POST", server.v1 + "/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}) as response:
+            trace_id = response.headers["lockgate-trace-id"]
+            next(response.iter_raw())
+        [record], spans = server.trace(trace_id, spans=3)
+        assert (record["outcome"], record["status_code"], record["error_type"]) == ("failed", 499, "client_closed")
+        upstream = next(s for s in spans if s["kind"] == "CLIENT")
+        assert upstream["status"] == "UNSET"  # closed by us, not failed by the provider
+        assert record["output_tokens"] == 0  # the mock reports usage only at the end it never reached
+    finally:
+        stop_gateway(server)
