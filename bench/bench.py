@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
+import math
 import os
 import platform
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +30,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+
+import aiohttp
+import httptools
+import orjson
+import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -66,10 +74,6 @@ def _upstream_replies(chunks: int) -> tuple[bytes, bytes, bytes]:
 
 def serve_upstream(chunks: int) -> None:
     """Answer POST /v1/chat/completions on a free loopback port; print the port, then serve forever."""
-    import httptools
-    import orjson
-    import uvloop
-
     plain, stream_usage, stream_plain = _upstream_replies(chunks)
     not_found = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
 
@@ -95,15 +99,11 @@ def serve_upstream(chunks: int) -> None:
             self.body += body
 
         def on_message_complete(self) -> None:
-            if self.url != b"/v1/chat/completions":
-                reply = not_found
-            else:
-                request = orjson.loads(self.body)
-                if request.get("stream"):
-                    wants = (request.get("stream_options") or {}).get("include_usage")
-                    reply = stream_usage if wants else stream_plain
-                else:
-                    reply = plain
+            request = orjson.loads(self.body) if self.url == b"/v1/chat/completions" else None
+            reply = not_found if request is None else plain
+            if request is not None and request.get("stream"):
+                usage = (request.get("stream_options") or {}).get("include_usage")
+                reply = stream_usage if usage else stream_plain
             self.transport.write(reply)
             if not self.parser.should_keep_alive():
                 self.transport.close()
@@ -124,11 +124,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+def core_busy_seconds(core: int | None) -> float:
+    """Non-idle time of one core from /proc/stat (0 when not pinned)."""
+    if core is None:
+        return 0.0
+    line = next(x for x in Path("/proc/stat").read_text().splitlines() if x.startswith(f"cpu{core} "))
+    ticks = [int(x) for x in line.split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+
+
+def proc_field(path: str, key: str) -> str:
+    """The value of ``key:`` in a /proc file such as /proc/cpuinfo or /proc/<pid>/status."""
+    fields = (line.partition(":") for line in Path(path).read_text().splitlines())
+    return next((value.strip() for name, _, value in fields if name.strip() == key), "")
 
 
 def spawn(argv: list[str], core: int | None, **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -168,8 +176,6 @@ def gateway_env(workdir: Path, upstream_port: int, gateway_port: int) -> dict[st
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
@@ -191,34 +197,31 @@ class Phase:
     ttfb_ms: list[float] = field(default_factory=list)
     gateway_cpu_s: float = 0.0
     load_core_cpu_s: float = 0.0
-
-    @property
-    def rps(self) -> float:
-        return self.ok / self.seconds if self.seconds else 0.0
+    foreign_cpu_s: float = 0.0  # CPU time others (e.g. another test run) took on the gateway's core ...
+    window_s: float = 1e-9  # ... during this many seconds (the phase and the audit settling after it)
 
     def summary(self) -> dict[str, Any]:
-        calls = max(self.ok + self.errors, 1)
+        calls, seconds = max(self.ok + self.errors, 1), max(self.seconds, 1e-9)
         return {"name": self.name, "target": self.target, "concurrency": self.concurrency, "stream": self.stream,
                 "ok": self.ok, "errors": self.errors, "first_error": self.first_error,
-                "seconds": round(self.seconds, 3), "rps": round(self.rps, 1),
+                "seconds": round(self.seconds, 3), "rps": round(self.ok / seconds, 1),
                 "p50_ms": pct(self.latency_ms, 50), "p99_ms": pct(self.latency_ms, 99),
                 "ttfb_p50_ms": pct(self.ttfb_ms, 50), "ttfb_p99_ms": pct(self.ttfb_ms, 99),
                 "gateway_cpu_ms_per_call": round(self.gateway_cpu_s * 1000 / calls, 3),
-                "load_core_busy": round(self.load_core_cpu_s / self.seconds, 3) if self.seconds else 0.0}
+                "load_core_busy": round(self.load_core_cpu_s / seconds, 3),
+                "gateway_core_foreign_busy": round(self.foreign_cpu_s / self.window_s, 3)}
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))], 3)
 
 
-async def run_phase(session: Any, url: str, headers: dict[str, str], phase: Phase, count: int,
+async def run_phase(session: aiohttp.ClientSession, url: str, headers: dict[str, str], phase: Phase, count: int,
                     max_seconds: float) -> None:
     """``phase.concurrency`` workers send requests until ``count`` were issued or time runs out."""
-    import aiohttp
-
     body = STREAM_BODY if phase.stream else CHAT_BODY
     issued = 0
     deadline = time.perf_counter() + max_seconds
@@ -257,8 +260,6 @@ async def run_phase(session: Any, url: str, headers: dict[str, str], phase: Phas
 
 
 async def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    import aiohttp
-
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
@@ -275,9 +276,8 @@ async def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: floa
 
 
 async def measure(args: argparse.Namespace, gateway: subprocess.Popen[bytes], upstream: subprocess.Popen[bytes],
-                  upstream_url: str, gateway_url: str, key: str) -> list[Phase]:
-    import aiohttp
-
+                  upstream_url: str, gateway_url: str, key: str, gateway_core: int | None) -> tuple[list[Phase], int]:
+    """The measured phases, and how many warm-up calls went through the gateway."""
     targets = {"direct": (upstream_url, {"content-type": "application/json", "authorization": "Bearer sk-bench"}),
                "gateway": (gateway_url, {"content-type": "application/json", "authorization": f"Bearer {key}"})}
     plan = [("chat c=1", 1, False, args.requests), ("chat c=8", 8, False, args.requests),
@@ -288,67 +288,78 @@ async def measure(args: argparse.Namespace, gateway: subprocess.Popen[bytes], up
     async with aiohttp.ClientSession(connector=connector(), timeout=timeout) as direct, \
             aiohttp.ClientSession(connector=connector(), timeout=timeout) as through:
         sessions = {"direct": direct, "gateway": through}
-        for target, (url, headers) in targets.items():  # warm-up: connections, caches, JIT-free but lazy paths
+        warm_calls = 0
+        for target, (url, headers) in targets.items():  # warm-up: connections, key and spend caches, imports
             for stream in (False, True):
                 warm = Phase("warm-up", target, 8, stream)
                 await run_phase(sessions[target], url + "/chat/completions", headers, warm, args.warmup,
                                 args.max_seconds)
+                warm_calls += (warm.ok + warm.errors) if target == "gateway" else 0
                 if warm.errors:
                     raise RuntimeError(f"warm-up against {target} failed {warm.errors} times: {warm.first_error}")
         for name, concurrency, stream, count in plan:
             for target, (url, headers) in targets.items():
                 phase = Phase(name, target, concurrency, stream)
                 gateway_cpu, load_cpu = cpu_seconds(gateway.pid), cpu_seconds(os.getpid()) + cpu_seconds(upstream.pid)
+                core_busy, window_start = core_busy_seconds(gateway_core), time.perf_counter()
                 await run_phase(sessions[target], url + "/chat/completions", headers, phase, count, args.max_seconds)
                 if target == "gateway":
                     await asyncio.sleep(0.5)  # let the batched audit writes of this phase land in its CPU time
                 phase.gateway_cpu_s = cpu_seconds(gateway.pid) - gateway_cpu
                 phase.load_core_cpu_s = cpu_seconds(os.getpid()) + cpu_seconds(upstream.pid) - load_cpu
+                if gateway_core is not None and target == "gateway":
+                    phase.foreign_cpu_s = max(0.0, core_busy_seconds(gateway_core) - core_busy - phase.gateway_cpu_s)
+                    phase.window_s = time.perf_counter() - window_start
                 phases.append(phase)
                 print(f"  {name:<11} {target:<8} {phase.ok} ok, {phase.errors} errors in {phase.seconds:.1f} s",
                       file=sys.stderr, flush=True)
-    return phases
+    return phases, warm_calls
 
 
 # ---------------------------------------------------------------- report
 
-def report(phases: list[Phase], peak_rss_kib: int, audit_rows: int | None, gateway_calls: int) -> dict[str, Any]:
+OVERHEAD_ROWS = [  # label, phase, summary field; the last row is higher-is-better
+    ("chat c=1 p50 latency ms", "chat c=1", "p50_ms"), ("chat c=1 p99 latency ms", "chat c=1", "p99_ms"),
+    ("chat c=8 p50 latency ms", "chat c=8", "p50_ms"), ("chat c=8 p99 latency ms", "chat c=8", "p99_ms"),
+    ("stream c=1 TTFB p50 ms", "stream c=1", "ttfb_p50_ms"), ("stream c=1 total p50 ms", "stream c=1", "p50_ms"),
+    ("chat c=8 requests/s", "chat c=8", "rps"),
+]
+
+
+def report(phases: list[Phase], peak_rss_kib: int, store: dict[str, int], gateway_calls: int,
+           gateway_core_pinned: bool) -> dict[str, Any]:
     by = {(p.name, p.target): p.summary() for p in phases}
-    rows: list[tuple[str, float, float, bool]] = []  # label, direct, gateway, higher_is_better
-    for name in ("chat c=1", "chat c=8"):
-        rows.append((f"{name} p50 latency ms", by[name, "direct"]["p50_ms"], by[name, "gateway"]["p50_ms"], False))
-        rows.append((f"{name} p99 latency ms", by[name, "direct"]["p99_ms"], by[name, "gateway"]["p99_ms"], False))
-    rows.append(("chat c=8 requests/s", by["chat c=8", "direct"]["rps"], by["chat c=8", "gateway"]["rps"], True))
-    s = "stream c=1"
-    rows.append((f"{s} TTFB p50 ms", by[s, "direct"]["ttfb_p50_ms"], by[s, "gateway"]["ttfb_p50_ms"], False))
-    rows.append((f"{s} total p50 ms", by[s, "direct"]["p50_ms"], by[s, "gateway"]["p50_ms"], False))
-    print(f"\n{'metric':<26}{'direct':>10}{'gateway':>10}{'overhead':>11}{'gw/direct':>11}")
-    print("-" * 68)
-    for label, direct, gw, higher in rows:
-        delta = gw - direct
+    overhead = []
+    print(f"\n{'metric':<26}{'direct':>10}{'gateway':>10}{'overhead':>11}{'gw/direct':>11}\n" + "-" * 68)
+    for label, name, key in OVERHEAD_ROWS:
+        direct, gw = (float("nan") if v is None else v for v in (by[name, "direct"][key], by[name, "gateway"][key]))
         ratio = gw / direct if direct else float("nan")
-        sign = "" if higher else "+"
-        print(f"{label:<26}{direct:>10.3f}{gw:>10.3f}{sign + format(delta, '.3f'):>11}{ratio:>10.2f}x")
-    print(f"\n{'phase':<12}{'target':<9}{'ok':>6}{'err':>5}{'rps':>9}{'p50':>8}{'p99':>8}"
-          f"{'gw cpu ms/call':>16}{'load core busy':>16}")
+        overhead.append({"metric": label, "direct": direct, "gateway": gw,
+                         "ratio": round(ratio, 3) if math.isfinite(ratio) else None})
+        f = ".1f" if key == "rps" else ".3f"
+        delta = format(gw - direct, f if key == "rps" else "+" + f)
+        print(f"{label:<26}{direct:>10{f}}{gw:>10{f}}{delta:>11}{ratio:>10.2f}x")
+    print(f"\n{'phase':<12}{'target':<9}{'ok':>6}{'err':>5}{'rps':>9}{'p50 ms':>8}{'p99 ms':>8}"
+          f"{'gw cpu ms/call':>16}{'load core busy':>16}{'others on gw core':>19}")
     for p in phases:
         d = p.summary()
-        cpu = f"{d['gateway_cpu_ms_per_call']:.3f}" if p.target == "gateway" else "-"
-        print(f"{p.name:<12}{p.target:<9}{d['ok']:>6}{d['errors']:>5}{d['rps']:>9.1f}{d['p50_ms']:>8.3f}"
-              f"{d['p99_ms']:>8.3f}{cpu:>16}{d['load_core_busy']:>15.0%}")
-    print(f"\ngateway peak memory (VmHWM): {peak_rss_kib / 1024:.1f} MiB")
-    if audit_rows is not None:
-        print(f"audit decision records written: {audit_rows} for {gateway_calls} gateway calls (incl. warm-up)")
-    for p in phases:
+        gw = p.target == "gateway"
+        cpu = f"{d['gateway_cpu_ms_per_call']:.3f}" if gw else "-"
+        foreign = format(d["gateway_core_foreign_busy"], ".0%") if gw and gateway_core_pinned else "-"
+        p50, p99 = (float("nan") if d[k] is None else d[k] for k in ("p50_ms", "p99_ms"))
+        print(f"{p.name:<12}{p.target:<9}{d['ok']:>6}{d['errors']:>5}{d['rps']:>9.1f}{p50:>8.3f}{p99:>8.3f}"
+              f"{cpu:>16}{d['load_core_busy']:>15.0%}{foreign:>18}")
         if p.errors:
-            print(f"WARNING {p.name} {p.target}: {p.errors} errors, first: {p.first_error}")
-        if p.summary()["load_core_busy"] > 0.9:
-            print(f"WARNING {p.name} {p.target}: the load core was {p.summary()['load_core_busy']:.0%} busy; "
-                  "this phase may measure the load generator rather than its target")
-    return {"phases": [p.summary() for p in phases], "peak_rss_kib": peak_rss_kib, "audit_rows": audit_rows,
-            "gateway_calls": gateway_calls,
-            "overhead": [{"metric": label, "direct": d, "gateway": g, "ratio": round(g / d, 3) if d else None}
-                         for label, d, g, _ in rows]}
+            print(f"  WARNING {p.errors} errors, first: {p.first_error}")
+        if gw and d["load_core_busy"] > 0.8:
+            print("  WARNING the load core was this busy: the phase may measure the load generator, not the gateway")
+        if gw and d["gateway_core_foreign_busy"] > 0.05:
+            print("  WARNING other processes ran on the gateway's core during this phase; its numbers are disturbed")
+    print(f"\ngateway peak memory (VmHWM): {peak_rss_kib / 1024:.1f} MiB")
+    print(f"audit decision records: {store['records']} for {gateway_calls} gateway calls (incl. warm-up); "
+          f"ledger spent {store['spent']} micro-USD (audit says {store['cost']}), still reserved {store['reserved']}")
+    return {"phases": list(by.values()), "overhead": overhead, "peak_rss_kib": peak_rss_kib,
+            "store": store, "gateway_calls": gateway_calls}
 
 
 def main() -> int:
@@ -383,14 +394,14 @@ def main() -> int:
                          stdout=subprocess.PIPE)
         started.append(upstream)
         assert upstream.stdout is not None
-        upstream_port = int(upstream.stdout.readline())
-        upstream_url = f"http://{HOST}:{upstream_port}/v1"
+        upstream_port, port = int(upstream.stdout.readline()), free_port()
         write_policy(workdir / "policy")
-        port = free_port()
         env = gateway_env(workdir, upstream_port, port)
-        key = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "create", "--user", "bench",
-                              "--team", "bench"], env=env, cwd=workdir, check=True, capture_output=True,
-                             timeout=60).stdout.decode().strip()
+        created = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "create", "--user", "bench",
+                                  "--team", "bench"], env=env, cwd=workdir, capture_output=True, timeout=60)
+        if created.returncode != 0:
+            raise RuntimeError(f"lockgate keys create failed: {created.stderr.decode()[-2000:]}")
+        key = created.stdout.decode().strip()
         with (workdir / "gateway.log").open("wb") as log:
             gateway = spawn([sys.executable, "-m", "gateway.cli", "serve"], gateway_core, env=env, cwd=workdir,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -401,24 +412,28 @@ def main() -> int:
         except RuntimeError:
             print((workdir / "gateway.log").read_text()[-4000:], file=sys.stderr)
             raise
-        print(f"gateway pid {gateway.pid} on core {gateway_core}, upstream pid {upstream.pid} and load generator "
-              f"on core {load_core}; store {workdir / 'lockgate.db'}", file=sys.stderr, flush=True)
-        phases = asyncio.run(measure(args, gateway, upstream, upstream_url, gateway_url + "/v1", key))
-        peak = status_kib(gateway.pid, "VmHWM")
-        stop(gateway)  # graceful: flushes the audit buffer
-        with sqlite3.connect(workdir / "lockgate.db") as db:
-            audit_rows = int(db.execute("SELECT count(*) FROM decision_records").fetchone()[0])
-        calls = 2 * args.warmup + sum(p.ok + p.errors for p in phases if p.target == "gateway")
-        results = report(phases, peak, audit_rows, calls)
-        results["environment"] = {"python": platform.python_version(), "machine": platform.machine(),
-                                  "cpus": os.cpu_count(), "gateway_core": gateway_core, "load_core": load_core,
-                                  "args": {k: str(v) for k, v in vars(args).items()}}
+        environment = {"python": platform.python_version(), "cpu": proc_field("/proc/cpuinfo", "model name"),
+                       "cpus": os.cpu_count(), "gateway_core": gateway_core, "load_core": load_core,
+                       "args": {k: v for k, v in vars(args).items() if k not in ("json", "serve_upstream")}}
+        print(f"gateway pid {gateway.pid} on core {gateway_core}; fake upstream pid {upstream.pid} and load "
+              f"generator on core {load_core}; {environment}", file=sys.stderr, flush=True)
+        phases, calls = asyncio.run(measure(args, gateway, upstream, f"http://{HOST}:{upstream_port}/v1",
+                                            gateway_url + "/v1", key, gateway_core))
+        peak = int(proc_field(f"/proc/{gateway.pid}/status", "VmHWM").split()[0])  # kB
+        stop(gateway)  # graceful: flushes the audit buffer, so every call should have its decision record
+        with contextlib.closing(sqlite3.connect(workdir / "lockgate.db")) as db:
+            records, cost = db.execute("SELECT count(*), sum(cost_micro_usd) FROM decision_records").fetchone()
+            spent, reserved = db.execute("SELECT sum(spent_micro_usd), sum(reserved_micro_usd) FROM budget_ledger"
+                                         ).fetchone()
+        store = {"records": records, "cost": cost or 0, "spent": spent or 0, "reserved": reserved or 0}
+        calls += sum(p.ok + p.errors for p in phases if p.target == "gateway")
+        results = report(phases, peak, store, calls, gateway_core is not None)
+        results["environment"] = environment
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
             print(f"wrote {args.json}")
-        if any(p.errors for p in phases):
-            return 1
-        return 0
+        consistent = records == calls and store["reserved"] == 0 and store["spent"] == store["cost"]
+        return 0 if consistent and not any(p.errors for p in phases) else 1
     finally:
         for process in reversed(started):
             stop(process)
