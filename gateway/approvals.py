@@ -75,14 +75,14 @@ class ApprovalQueue:
             "has expired, or was given for another key or request body."
         )
 
-    async def decide(self, approval_id: str, approve: bool, decided_by: str) -> bool:
-        """Approve or deny a pending approval; False if it is not pending (or already decided)."""
+    async def decide(self, approval_id: str, approve: bool, decided_by: str, now: datetime | None = None) -> bool:
+        """Approve or deny a pending approval; False if it is not pending (decided, or expired)."""
         c = _approvals.c
+        now = now or utcnow()
         async with self._engine.begin() as connection:
             result = await connection.execute(
-                update(_approvals).where(c.id == approval_id, c.status == "pending")
-                .values(status="approved" if approve else "denied", decided_by=decided_by,
-                        decided_at=utcnow())
+                update(_approvals).where(c.id == approval_id, c.status == "pending", c.expires_at > now)
+                .values(status="approved" if approve else "denied", decided_by=decided_by, decided_at=now)
             )
         return bool(result.rowcount)
 

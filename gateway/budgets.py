@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.errors import BudgetExceeded, StoreUnavailable
 from gateway.store import BudgetLedger
@@ -35,6 +36,23 @@ def period_of(window: str, now: datetime) -> str:
     return "all"
 
 
+# Prepared once: the hot path binds values and never rebuilds or recompiles a statement.
+_RESERVE = text(
+    "UPDATE budget_ledger SET reserved_micro_usd = reserved_micro_usd + :amount "
+    "WHERE scope = :scope AND \"window\" = :window AND period = :period "
+    "AND spent_micro_usd + reserved_micro_usd + :amount <= :limit")
+_SETTLE = text(
+    "UPDATE budget_ledger SET reserved_micro_usd = reserved_micro_usd - :reserved, "
+    "spent_micro_usd = spent_micro_usd + :actual "
+    "WHERE scope = :scope AND \"window\" = :window AND period = :period")
+
+
+def _exceeded(budget: Budget, amount_micro_usd: int) -> BudgetExceeded:
+    return BudgetExceeded(
+        f"Budget {budget.scope} ({budget.window}) cannot cover this call: its limit is "
+        f"${budget.limit_micro_usd / 1e6:.2f} and this call may cost up to ${amount_micro_usd / 1e6:.4f}.")
+
+
 @dataclass(frozen=True)
 class Reservation:
     rows: tuple[tuple[str, str, str], ...]  # (scope, window, period)
@@ -42,8 +60,11 @@ class Reservation:
 
 
 class BudgetLedgerStore:
-    def __init__(self, engine: AsyncEngine, spend_cache_ttl_s: float) -> None:
+    def __init__(self, engine: AsyncEngine, spend_cache_ttl_s: float, autocommit: AsyncEngine | None = None) -> None:
+        """``autocommit``: an engine from ``create_store_engine(url, autocommit=True)`` for the
+        single-statement hot path; without it those statements run in ordinary transactions."""
         self._engine = engine
+        self._autocommit = autocommit
         self._insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
         self._known_rows: set[tuple[str, str, str]] = set()
         self._spend_ttl = spend_cache_ttl_s
@@ -75,7 +96,14 @@ class BudgetLedgerStore:
         return spend
 
     async def reserve(self, budgets: Sequence[Budget], amount_micro_usd: int, now: datetime) -> Reservation:
+        if not budgets:
+            return Reservation(rows=(), amount_micro_usd=0)
+        # Rows are always locked in one order, so two calls naming the same budgets in another
+        # order cannot deadlock on PostgreSQL.
+        budgets = sorted(budgets, key=lambda b: (b.scope, b.window))
         rows = tuple((b.scope, b.window, period_of(b.window, now)) for b in budgets)
+        if len(rows) == 1 and rows[0] in self._known_rows:
+            return await self._reserve_one(budgets[0], rows[0], amount_micro_usd)
         try:
             async with self._engine.begin() as connection:
                 missing = [row for row in rows if row not in self._known_rows]
@@ -96,26 +124,35 @@ class BudgetLedgerStore:
                     )
                     if result.rowcount != 1:
                         # Leaving the block by exception rolls back the reservations made so far.
-                        raise BudgetExceeded(
-                            f"Budget {scope} ({window}) cannot cover this call: its limit is "
-                            f"${budget.limit_micro_usd / 1e6:.2f} and this call may cost up to "
-                            f"${amount_micro_usd / 1e6:.4f}."
-                        )
+                        raise _exceeded(budget, amount_micro_usd)
         except SQLAlchemyError as exc:
             raise StoreUnavailable() from exc
         self._known_rows.update(rows)
         return Reservation(rows=rows, amount_micro_usd=amount_micro_usd)
 
+    def _statement(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self._autocommit.connect() if self._autocommit is not None else self._engine.begin()
+
+    async def _reserve_one(self, budget: Budget, row: tuple[str, str, str], amount_micro_usd: int) -> Reservation:
+        """The common case, one budget on a known row: one statement, atomic on its own."""
+        try:
+            async with self._statement() as connection:
+                result = await connection.execute(_RESERVE, {
+                    "scope": row[0], "window": row[1], "period": row[2], "amount": amount_micro_usd,
+                    "limit": budget.limit_micro_usd})
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable() from exc
+        if result.rowcount != 1:
+            raise _exceeded(budget, amount_micro_usd)
+        return Reservation(rows=(row,), amount_micro_usd=amount_micro_usd)
+
     async def settle(self, reservation: Reservation, actual_micro_usd: int) -> None:
         """Replace the reservation by the actual cost (0 when the call failed before a reply)."""
         if not reservation.rows:
             return
-        c = _ledger.c
-        async with self._engine.begin() as connection:
+        # Each row's settlement is one atomic statement; rows need no common transaction.
+        async with self._statement() as connection:
             for scope, window, period in reservation.rows:
-                await connection.execute(
-                    update(_ledger)
-                    .where(c.scope == scope, c.window == window, c.period == period)
-                    .values(reserved_micro_usd=c.reserved_micro_usd - reservation.amount_micro_usd,
-                            spent_micro_usd=c.spent_micro_usd + actual_micro_usd)
-                )
+                await connection.execute(_SETTLE, {
+                    "scope": scope, "window": window, "period": period,
+                    "reserved": reservation.amount_micro_usd, "actual": actual_micro_usd})

@@ -186,8 +186,10 @@ class ChatPipeline:
                      root: Span) -> AsyncIterator[bytes]:
         error: GatewayError | None = None
         status = 200
+        relayed = 0
         try:
             async for event in events:
+                relayed += 1
                 yield event
         except GatewayError as exc:
             error, status = exc, exc.status
@@ -203,6 +205,13 @@ class ChatPipeline:
         finally:
             await events.aclose()  # type: ignore[attr-defined]
             record.usage = summary.usage
+            if relayed and not (summary.usage.input_tokens or summary.usage.output_tokens):
+                # The stream ended before the provider reported usage (the client left, or the
+                # provider broke off), but the provider bills what it generated: estimate it
+                # from the prompt and about one token per relayed event, rather than charge nothing.
+                record.usage = Usage(input_tokens=record.facts.input_tokens if record.facts else 0,
+                                     output_tokens=relayed)
+                record.reasons = (*record.reasons, "usage estimated: the stream ended before the provider reported it")
             await self._settle(record)
             self._record(record, root, status=status, error=error, summary=summary)
 

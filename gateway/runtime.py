@@ -41,6 +41,7 @@ class StartupError(RuntimeError):
 class Runtime:
     settings: Settings
     engine: AsyncEngine
+    autocommit: AsyncEngine
     http: httpx.AsyncClient
     tracer_provider: TracerProvider
     audit: AuditWriter
@@ -56,6 +57,7 @@ class Runtime:
         await self.audit.close()
         await self.http.aclose()
         await self.engine.dispose()
+        await self.autocommit.dispose()
         self.policy.engine.close()
 
 
@@ -98,9 +100,11 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
         raise StartupError(str(exc)) from None
     keys = KeyStore(engine, settings.auth_cache_ttl_s)
     approvals = ApprovalQueue(engine)
-    ledger = BudgetLedgerStore(engine, settings.spend_cache_ttl_s)
+    autocommit = create_store_engine(settings.database_url, autocommit=True)
+    ledger = BudgetLedgerStore(engine, settings.spend_cache_ttl_s, autocommit)
     pipeline = ChatPipeline(keys=keys, policy=policy, approvals=approvals, ledger=ledger, router=router,
                             audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes)
     audit.start()
-    return Runtime(settings=settings, engine=engine, http=http, tracer_provider=tracer_provider, audit=audit,
+    return Runtime(settings=settings, engine=engine, autocommit=autocommit, http=http,
+                   tracer_provider=tracer_provider, audit=audit,
                    keys=keys, approvals=approvals, ledger=ledger, policy=policy, router=router, pipeline=pipeline)
