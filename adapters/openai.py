@@ -58,16 +58,16 @@ class OpenAIProvider:
         try:
             reply = orjson.loads(response.content)
             choices = reply.get("choices") or []
-        except (orjson.JSONDecodeError, AttributeError):
+            messages = [c.get("message") or {} for c in choices]
+            return Completion(
+                body=response.content,
+                usage=read_usage(reply.get("usage")),
+                response_model=str(reply.get("model") or call.model.upstream_model),
+                finish_reasons=tuple(str(c.get("finish_reason")) for c in choices if c.get("finish_reason")),
+                tool_calls=tuple(name for m in messages for name in _tool_names(m)),
+            )
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             raise UpstreamError("The model provider sent a reply that is not chat-completion JSON.") from None
-        messages = [c.get("message") or {} for c in choices]
-        return Completion(
-            body=response.content,
-            usage=read_usage(reply.get("usage")),
-            response_model=str(reply.get("model") or call.model.upstream_model),
-            finish_reasons=tuple(str(c.get("finish_reason")) for c in choices if c.get("finish_reason")),
-            tool_calls=tuple(name for m in messages for name in _tool_names(m)),
-        )
 
     async def stream(self, call: UpstreamCall, summary: StreamSummary) -> AsyncIterator[bytes]:
         with map_upstream_errors():

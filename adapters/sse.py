@@ -27,7 +27,9 @@ async def iter_sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
                 break
             event, buffer = buffer[: end + 2], buffer[end + 2:]
             yield event
-    if buffer.strip():
+    # A last event cut off inside a line is incomplete and dropped, as the SSE spec says; whole
+    # lines missing only the closing blank line are still an event.
+    if buffer.strip() and buffer.endswith(b"\n"):
         yield buffer.rstrip(b"\n") + b"\n\n"
 
 

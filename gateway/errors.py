@@ -16,6 +16,7 @@
     ├── StoreUnavailable              503 server_error / store_unavailable
     ├── ClientClosed                  499 (never sent: the client left mid-stream; audit only)
     └── UpstreamError                 502 upstream_error      (the provider failed)
+        ├── UpstreamAuthFailed        502 upstream_error / upstream_auth_failed (our provider key; not retried)
         ├── UpstreamRejected          400 invalid_request_error (the provider refused the request)
         ├── UpstreamRateLimited       429 rate_limit_exceeded
         ├── UpstreamTimeout           504 upstream_error / upstream_timeout
@@ -134,6 +135,12 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     default_message = "The model provider failed to answer."
+
+
+class UpstreamAuthFailed(UpstreamError):
+    code = "upstream_auth_failed"
+    retryable = False
+    default_message = "The model provider refused the gateway's credentials."
 
 
 class UpstreamRejected(UpstreamError):

@@ -25,7 +25,17 @@ from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore, bearer_token
 from gateway.budgets import BudgetLedgerStore, Reservation
 from gateway.describe import describe_chat, parse_json_body
-from gateway.errors import ClientClosed, GatewayError, PolicyDenied, RequestTooLarge, error_response, sse_error_event
+from gateway.errors import (
+    AuthenticationFailed,
+    BudgetExceeded,
+    ClientClosed,
+    GatewayError,
+    PermissionDenied,
+    PolicyDenied,
+    RequestTooLarge,
+    error_response,
+    sse_error_event,
+)
 from gateway.policy import PolicyStage, build_input
 from gateway.routing import Router, RouteResult
 from gateway.sse import SSEResponse
@@ -255,7 +265,7 @@ class ChatPipeline:
             root.set_status(Status(StatusCode.ERROR, error.message))
         root.set_attribute("http.response.status_code", status)
         root.end()
-        denied = isinstance(error, PolicyDenied) or (error is not None and error.status in (401, 403, 429))
+        denied = isinstance(error, (AuthenticationFailed, PermissionDenied, BudgetExceeded))
         principal, facts = record.principal, record.facts
         self.audit.add_decision({
             "id": record.decision_id,

@@ -16,6 +16,7 @@ import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from gateway.errors import (
+    UpstreamAuthFailed,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -50,10 +51,10 @@ def map_upstream_errors() -> Iterator[None]:
         raise UpstreamTimeout() from exc
     except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ProxyError) as exc:
         raise UpstreamUnavailable() from exc
+    except TimeoutError as exc:  # aiohttp's own timeouts are ClientErrors too: this branch first
+        raise UpstreamTimeout() from exc
     except (httpx.TransportError, httpx.StreamError, aiohttp.ClientError) as exc:
         raise UpstreamUnavailable() from exc
-    except TimeoutError as exc:
-        raise UpstreamTimeout() from exc
     except (httpx.HTTPError, httpx.InvalidURL, httpx.CookieConflict) as exc:
         raise UpstreamError() from exc
 
@@ -70,7 +71,7 @@ def upstream_status_error(status: int, body: bytes) -> UpstreamError:
     """An error for a provider's non-2xx answer. Its message is relayed only where it is about
     the caller's request (4xx other than auth); auth failures concern our credentials."""
     if status in (401, 403):
-        return UpstreamError("The model provider refused the gateway's credentials.")
+        return UpstreamAuthFailed()
     if status == 429:
         return UpstreamRateLimited()
     if status in (408, 409) or status >= 500:

@@ -242,6 +242,7 @@ class RecordedRequest:
     headers: dict[str, str]
     raw_body: bytes
     body: dict[str, Any] = field(default_factory=dict)
+    connection: int = 0  # which TCP connection (numbered from 1) carried it: keep-alive is visible
 
     @property
     def model(self) -> Any:
@@ -259,11 +260,12 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._script: deque[Cassette] = deque()
         self._requests: list[RecordedRequest] = []
-        self._replies: list[bytes] = []
+        self._replies: list[bytearray] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._shutdown: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connections = 0
         self._thread = threading.Thread(target=self._run, name="fake-openai", daemon=True)
         self.port = 0
 
@@ -296,7 +298,7 @@ class FakeOpenAI:
     def replies(self) -> list[bytes]:
         """The body bytes of each answer, as far as they were sent."""
         with self._lock:
-            return list(self._replies)
+            return [bytes(body) for body in self._replies]
 
     @property
     def pending(self) -> int:
@@ -344,9 +346,12 @@ class FakeOpenAI:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own segment
         conn = h11.Connection(h11.SERVER)
+        with self._lock:
+            self._connections += 1
+            number = self._connections
         try:
             while True:
-                request = await self._read_request(conn, reader)
+                request = await self._read_request(conn, reader, number)
                 if request is None:
                     return
                 keep_alive = await self._answer(self._next(request), request, conn, reader, writer)
@@ -355,11 +360,14 @@ class FakeOpenAI:
                 conn.start_next_cycle()
         except (ConnectionError, h11.ProtocolError):
             return
+        except asyncio.CancelledError:
+            return  # the fake is stopping; end the connection quietly (asyncio logs a cancelled handler)
         finally:
             writer.close()
             self._tasks.discard(task)
 
-    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> RecordedRequest | None:
+    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
+                            number: int) -> RecordedRequest | None:
         head: h11.Request | None = None
         body = bytearray()
         while True:
@@ -372,11 +380,11 @@ class FakeOpenAI:
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
-                return self._record(head, bytes(body))
+                return self._record(head, bytes(body), number)
             else:  # ConnectionClosed or PAUSED: the client is done with this connection
                 return None
 
-    def _record(self, head: h11.Request, body: bytes) -> RecordedRequest:
+    def _record(self, head: h11.Request, body: bytes, number: int) -> RecordedRequest:
         try:
             parsed = json.loads(body) if body else {}
         except ValueError:
@@ -384,7 +392,7 @@ class FakeOpenAI:
         request = RecordedRequest(
             method=head.method.decode(), path=head.target.decode(),
             headers={name.decode().lower(): value.decode() for name, value in head.headers},
-            raw_body=body, body=parsed if isinstance(parsed, dict) else {},
+            raw_body=body, body=parsed if isinstance(parsed, dict) else {}, connection=number,
         )
         with self._lock:
             self._requests.append(request)
@@ -442,12 +450,16 @@ class FakeOpenAI:
                      content_type: str, extra: tuple[tuple[str, str], ...]) -> bool:
         headers = [("content-type", content_type), ("content-length", str(len(body))),
                    ("x-request-id", "req_fake"), ("openai-processing-ms", "7"), *extra]
+        self._sending(bytearray(body))  # before the client can see it, so a test never races the record
         await self._send(conn, writer, h11.Response(status_code=status, headers=headers))
         await self._send(conn, writer, h11.Data(data=body))
         await self._send(conn, writer, h11.EndOfMessage())
+        return True
+
+    def _sending(self, body: bytearray) -> bytearray:
         with self._lock:
             self._replies.append(body)
-        return True
+        return body
 
     async def _stream(self, conn: h11.Connection, writer: asyncio.StreamWriter, cassette: Reply,
                       events: list[bytes]) -> bool:
@@ -464,19 +476,16 @@ class FakeOpenAI:
         hold_at = len(b"".join(events[:cassette.hold_after_events])) if cassette.hold else -1
         stream = b"".join(events)
         segments = [stream[:hold_at], stream[hold_at:]] if hold_at >= 0 else [stream]
-        sent = bytearray()
-        try:
-            for number, segment in enumerate(segments):
-                if number == 1 and cassette.hold is not None:
-                    await self._wait_for_gate(cassette.hold)
-                for piece in _pieces(segment, cassette.split):
-                    await self._send(conn, writer, h11.Data(data=piece))
-                    sent += piece
-                    if cassette.split:
-                        await asyncio.sleep(cassette.pause_s)  # let each piece leave as its own segment
-        finally:
-            with self._lock:
-                self._replies.append(bytes(sent))
+        sent = self._sending(bytearray())
+        for number, segment in enumerate(segments):
+            if number == 1 and cassette.hold is not None:
+                await self._wait_for_gate(cassette.hold)
+            for piece in _pieces(segment, cassette.split):
+                with self._lock:
+                    sent += piece  # recorded before it is written, so a test never races the record
+                await self._send(conn, writer, h11.Data(data=piece))
+                if cassette.split:
+                    await asyncio.sleep(cassette.pause_s)  # let each piece leave as its own segment
         if not complete:
             return False  # close with the chunked body unfinished: a provider that died mid-reply
         await self._send(conn, writer, h11.EndOfMessage())
