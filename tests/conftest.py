@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from opentelemetry.sdk.trace import SpanProcessor
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.testclient import TestClient
 
+from gateway.app import create_app
 from gateway.audit.reader import list_decisions, read_trace
 from gateway.auth import KeyStore
+from gateway.runtime import Runtime
+from gateway.settings import Settings
 from gateway.store import create_store_engine, create_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +90,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     url = request.getfixturevalue("postgres_url")
     run(_truncate_all(url))  # each test starts from empty tables
     yield url
+
+
+@pytest.fixture
+async def engine(store_url: str) -> AsyncIterator[AsyncEngine]:
+    """An async engine on ``store_url`` with the tables created."""
+    engine = create_store_engine(store_url)
+    await create_tables(engine)
+    yield engine
+    await engine.dispose()
 
 
 async def _create_key(url: str, team: str, user: str, org: str) -> str:
@@ -185,3 +201,41 @@ def gateway(store_url: str, tmp_path: Path) -> Iterator[Gateway]:
     server = start_gateway(store_url, tmp_path)
     yield server
     stop_gateway(server)
+
+
+@dataclass
+class InProcessGateway:
+    """The app in process (Starlette's TestClient): for routing, policy and error-shape tests.
+
+    The app runs on the TestClient's own event loop thread; ``call`` runs a coroutine there,
+    which is where the store engine and the policy engine belong.
+    """
+
+    client: TestClient
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.client.app_state["runtime"]  # type: ignore[no-any-return]
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.client.portal.call(fn, *args)  # type: ignore[union-attr]
+
+    def create_key(self, team: str = "research", user: str = "ana") -> str:
+        async def create() -> str:
+            return (await KeyStore(self.runtime.engine, 0).create(user=user, team=team)).key
+
+        return str(self.call(create))
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Every decision record, newest first, after flushing the audit buffer."""
+        async def read() -> list[dict[str, Any]]:
+            await self.runtime.audit.flush()
+            return await list_decisions(self.runtime.engine, limit=1000)
+
+        return list(self.call(read))
+
+
+@contextmanager
+def in_process(settings: Settings, span_processors: Sequence[SpanProcessor] = ()) -> Iterator[InProcessGateway]:
+    with TestClient(create_app(settings, span_processors)) as client:
+        yield InProcessGateway(client)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.approvals import ApprovalQueue, request_fingerprint
 from gateway.errors import ApprovalRejected, ApprovalRequired
-from gateway.store import create_store_engine, create_tables
 from gateway.types import ApprovalRequirement, Principal
 from tests.conftest import Gateway
 
@@ -28,13 +26,6 @@ BODY = b'{"model": "fast", "messages": [{"role": "user", "content": "pay acme 10
 
 # --- the queue ----------------------------------------------------------------------------------
 
-
-@pytest.fixture
-async def engine(store_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_store_engine(store_url)
-    await create_tables(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def held(queue: ApprovalQueue, principal: Principal = DAN, body: bytes = BODY) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.auth import KEY_PREFIX, KeyStore, bearer_token, hash_key
 from gateway.errors import AuthenticationFailed
-from gateway.store import create_store_engine, create_tables
+from gateway.store import create_store_engine
 from gateway.types import Principal
 from tests.conftest import run, start_gateway, stop_gateway
-
-
-@pytest.fixture
-async def engine(store_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_store_engine(store_url)
-    await create_tables(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def all_rows(engine: AsyncEngine, table: str) -> list[dict[str, Any]]:

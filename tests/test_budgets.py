@@ -6,7 +6,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,6 @@ MONTH = "2026-11"
 
 Row = tuple[str, str, str]
 
-
-@pytest.fixture
-async def engine(store_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_store_engine(store_url)
-    await create_tables(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def ledger_rows(engine: AsyncEngine) -> dict[Row, tuple[int, int]]:

@@ -8,11 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.auth import KeyStore
 from gateway.settings import load_settings
+from tests.conftest import InProcessGateway, in_process
 
 POLICY = (Path(__file__).resolve().parents[1] / "policies" / "lockgate.rego").read_text()
 
@@ -24,7 +23,7 @@ def _closed_port() -> int:
 
 
 @pytest.fixture
-def app_client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+def app_client(tmp_path: Path) -> Iterator[tuple[InProcessGateway, dict[str, str]]]:
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "lockgate.rego").write_text(POLICY)
@@ -44,18 +43,8 @@ def app_client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
         "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db", "LOCKGATE_POLICY_DIR": str(policies),
         "LOCKGATE_MODELS": json.dumps(models), "LOCKGATE_UPSTREAM_RETRIES": "0", "LOCKGATE_MAX_REQUEST_BYTES": "2048",
     })
-    with TestClient(create_app(settings)) as client:
-        runtime = client.app_state["runtime"]
-        keys = {team: run_in(client, KeyStore(runtime.engine, 0).create(user="u", team=team)).key
-                for team in ("research", "broke")}
-        yield client, keys
-
-
-def run_in(client: TestClient, coro):  # type: ignore[no-untyped-def]
-    """Run a coroutine on the app's own event loop (the store engine belongs to it)."""
-    async def wrapper():  # type: ignore[no-untyped-def]
-        return await coro
-    return client.portal.call(wrapper)  # type: ignore[union-attr]
+    with in_process(settings) as gateway:
+        yield gateway, {team: gateway.create_key(team=team, user="u") for team in ("research", "broke")}
 
 
 def chat(model: str = "mock-fast", **extra: object) -> dict[str, object]:
@@ -91,9 +80,10 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "method", "path", "team", "body", "status", "type_", "code"), CASES,
                          ids=[c[0] for c in CASES])
-def test_error_shape(app_client: tuple[TestClient, dict[str, str]], name: str, method: str, path: str,
+def test_error_shape(app_client: tuple[InProcessGateway, dict[str, str]], name: str, method: str, path: str,
                      team: str | None, body: object, status: int, type_: str, code: str | None) -> None:
-    client, keys = app_client
+    gateway, keys = app_client
+    client = gateway.client
     headers = {"Authorization": f"Bearer {keys[team]}"} if team else {}
     content = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
     response = client.request(method, path, content=content, headers={**headers, "content-type": "application/json"})
@@ -109,10 +99,12 @@ def test_error_shape(app_client: tuple[TestClient, dict[str, str]], name: str, m
         assert keys[team] not in response.text
 
 
-def test_refused_calls_leave_no_reservation(app_client: tuple[TestClient, dict[str, str]]) -> None:
-    client, keys = app_client
-    client.post("/v1/chat/completions", json=chat("down"), headers={"Authorization": f"Bearer {keys['research']}"})
-    runtime = client.app_state["runtime"]
+def test_refused_calls_leave_no_reservation(app_client: tuple[InProcessGateway, dict[str, str]]) -> None:
+    gateway, keys = app_client
+    response = gateway.client.post("/v1/chat/completions", json=chat("down"),
+                                   headers={"Authorization": f"Bearer {keys['research']}"})
+    assert response.status_code == 502
+    runtime = gateway.runtime
 
     async def reserved() -> int:
         from sqlalchemy import text
@@ -120,7 +112,7 @@ def test_refused_calls_leave_no_reservation(app_client: tuple[TestClient, dict[s
             return int((await connection.execute(
                 text("SELECT COALESCE(SUM(reserved_micro_usd), 0) FROM budget_ledger"))).scalar_one())
 
-    assert run_in(client, reserved()) == 0
+    assert gateway.call(reserved) == 0
 
 
 def test_every_route_is_tested() -> None:

@@ -8,17 +8,16 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
-from starlette.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.auth import KeyStore
 from gateway.policy import DECISION, build_input, parse_decision
 from gateway.policy.embedded import EmbeddedEngine, PolicyEngineError
 from gateway.policy.source import PolicyLoadError, PolicySource, load_policy_source
 from gateway.runtime import StartupError, build_policy
 from gateway.settings import load_settings
 from gateway.types import CallFacts, Principal
+from tests.conftest import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,24 +145,13 @@ def test_a_policy_error_denies_the_call_and_is_audited(tmp_path: Path, team: str
     folder = write_policy(tmp_path / "p", CONFLICTING)
     settings = load_settings(environ={"LOCKGATE_POLICY_DIR": str(folder),
                                       "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db"})
-    with TestClient(create_app(settings)) as client:
-        runtime = client.app_state["runtime"]
-
-        async def make_key() -> str:
-            return (await KeyStore(runtime.engine, 0).create(user="ana", team=team)).key
-
-        key = client.portal.call(make_key)  # type: ignore[union-attr]
-        response = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                               json={"model": "mock-fast", "messages": [{"role": "user", "content": "x"}]})
+    with in_process(settings) as gateway:
+        key = gateway.create_key(team=team)
+        response = gateway.client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                       json={"model": "mock-fast", "messages": [{"role": "user", "content": "x"}]})
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "policy_error"
-        client.portal.call(runtime.audit.flush)  # type: ignore[union-attr]
-
-        async def records() -> list[dict]:  # type: ignore[type-arg]
-            from gateway.audit.reader import list_decisions
-            return await list_decisions(runtime.engine)
-
-        [record] = client.portal.call(records)  # type: ignore[union-attr]
+        [record] = gateway.decisions()
     assert (record["outcome"], record["error_type"]) == ("denied", "policy_error")
 
 
@@ -181,29 +169,18 @@ def test_response_policy_withholds_a_reply_with_a_forbidden_tool_call(tmp_path: 
     folder = write_policy(tmp_path / "p", REVIEWING)
     settings = load_settings(environ={"LOCKGATE_POLICY_DIR": str(folder),
                                       "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db"})
-    with TestClient(create_app(settings)) as client:
-        runtime = client.app_state["runtime"]
+    with in_process(settings) as gateway:
+        headers = {"Authorization": f"Bearer {gateway.create_key(team='any')}"}
 
-        async def make_key() -> str:
-            return (await KeyStore(runtime.engine, 0).create(user="ana", team="any")).key
-
-        headers = {"Authorization": f"Bearer {client.portal.call(make_key)}"}  # type: ignore[union-attr]
-
-        def ask(tool: str) -> object:
-            return client.post("/v1/chat/completions", headers=headers, json={
+        def ask(tool: str) -> httpx.Response:
+            return gateway.client.post("/v1/chat/completions", headers=headers, json={
                 "model": "mock-fast", "messages": [{"role": "user", "content": "go"}],
                 "tools": [{"type": "function", "function": {"name": tool, "parameters": {}}}]})
 
         allowed, withheld = ask("read_repo"), ask("delete_repo")
-        assert allowed.status_code == 200  # type: ignore[attr-defined]
-        assert withheld.status_code == 403  # type: ignore[attr-defined]
-        assert "the model may not call delete_repo" in withheld.json()["error"]["message"]  # type: ignore[attr-defined]
-        client.portal.call(runtime.audit.flush)  # type: ignore[union-attr]
-
-        async def records() -> list[dict]:  # type: ignore[type-arg]
-            from gateway.audit.reader import list_decisions
-            return await list_decisions(runtime.engine)
-
-        record = next(r for r in client.portal.call(records) if r["status_code"] == 403)  # type: ignore[union-attr]
+        assert allowed.status_code == 200
+        assert withheld.status_code == 403
+        assert "the model may not call delete_repo" in withheld.json()["error"]["message"]
+        record = next(r for r in gateway.decisions() if r["status_code"] == 403)
     assert record["reasons"] == ["the model may not call delete_repo"]
     assert record["output_tokens"] > 0 and record["cost_micro_usd"] > 0  # the provider was paid all the same

@@ -17,22 +17,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.auth import KeyStore
 from gateway.settings import load_settings
+from tests.conftest import in_process
 
 
 @pytest.fixture
 def traced(tmp_path: Path) -> Iterator[tuple[TestClient, InMemorySpanExporter, str]]:
     exporter = InMemorySpanExporter()
     settings = load_settings(environ={"LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db"})
-    with TestClient(create_app(settings, [SimpleSpanProcessor(exporter)])) as client:
-        runtime = client.app_state["runtime"]
-
-        async def make_key() -> str:
-            return (await KeyStore(runtime.engine, 0).create(user="ana", team="research")).key
-
-        yield client, exporter, client.portal.call(make_key)  # type: ignore[union-attr]
+    with in_process(settings, [SimpleSpanProcessor(exporter)]) as gateway:
+        yield gateway.client, exporter, gateway.create_key()
 
 
 def tree(spans: tuple[ReadableSpan, ...]) -> dict[str, Any]:
