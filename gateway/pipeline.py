@@ -7,6 +7,7 @@ decision record is written and the budget reservation is settled or released.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -86,6 +87,11 @@ class ChatPipeline:
                 response = await self._run(request, record, root)
         except GatewayError as exc:
             return await self._refuse(record, root, exc)
+        except asyncio.CancelledError:
+            # The server is stopping or the caller is gone: still release the reservation and
+            # write the record, even if cancelled again meanwhile.
+            await asyncio.shield(self._refuse(record, root, ClientClosed()))
+            raise
         except Exception as exc:
             log.exception("unexpected error in decision %s", record.decision_id)
             wrapped = GatewayError()
