@@ -12,7 +12,7 @@ import orjson
 from adapters.sse import DONE, event_data, iter_sse_events
 from gateway.errors import UpstreamError
 from gateway.types import Completion, StreamSummary, UpstreamCall, Usage
-from gateway.upstream import map_upstream_errors, upstream_status_error
+from gateway.upstream import UpstreamClient, map_upstream_errors, upstream_status_error
 
 
 def read_usage(usage: Mapping[str, Any] | None) -> Usage:
@@ -30,7 +30,7 @@ def _tool_names(message: Mapping[str, Any]) -> list[str]:
 class OpenAIProvider:
     name = "openai"
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: UpstreamClient) -> None:
         self._client = client
 
     def _request(self, call: UpstreamCall, stream: bool) -> httpx.Request:
@@ -44,23 +44,24 @@ class OpenAIProvider:
         headers = {"content-type": "application/json"}
         if call.api_key:
             headers["authorization"] = f"Bearer {call.api_key}"
-        timeout = httpx.USE_CLIENT_DEFAULT if call.model.timeout_s is None else call.model.timeout_s
-        return self._client.build_request(
-            "POST", call.model.base_url.rstrip("/") + "/chat/completions",
-            content=orjson.dumps(body), headers=headers, timeout=timeout,
-        )
+        return self._client.request(call.model.base_url.rstrip("/") + "/chat/completions", orjson.dumps(body),
+                                    headers, stream=stream, timeout_s=call.model.timeout_s)
 
     async def complete(self, call: UpstreamCall) -> Completion:
         with map_upstream_errors():
             response = await self._client.send(self._request(call, stream=False))
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
         if response.status_code != 200:
-            raise upstream_status_error(response.status_code, response.content)
+            raise upstream_status_error(response.status_code, content)
         try:
-            reply = orjson.loads(response.content)
+            reply = orjson.loads(content)
             choices = reply.get("choices") or []
             messages = [c.get("message") or {} for c in choices]
             return Completion(
-                body=response.content,
+                body=content,
                 usage=read_usage(reply.get("usage")),
                 response_model=str(reply.get("model") or call.model.upstream_model),
                 finish_reasons=tuple(str(c.get("finish_reason")) for c in choices if c.get("finish_reason")),
@@ -71,7 +72,7 @@ class OpenAIProvider:
 
     async def stream(self, call: UpstreamCall, summary: StreamSummary) -> AsyncIterator[bytes]:
         with map_upstream_errors():
-            response = await self._client.send(self._request(call, stream=True), stream=True)
+            response = await self._client.send(self._request(call, stream=True))
         try:
             if response.status_code != 200:
                 with map_upstream_errors():

@@ -1,18 +1,22 @@
 """Stages 5 and 8, reserve and settle: charging calls against budgets in the ledger.
 
-Before a call, its worst-case cost is reserved against every budget the policy names, in one
-transaction of conditional UPDATEs (``spent + reserved + amount <= limit``), so concurrent
-calls on any number of replicas sharing the store can never reserve past a limit. After the
-call, the reservation is replaced by the actual cost. Money is integer micro-dollars.
+Before a call, its worst-case cost is reserved against every budget the policy names by
+conditional UPDATEs (``spent + reserved + amount <= limit``), one transaction for all of them,
+so concurrent calls on any number of replicas sharing the store can never reserve past a limit.
+The common case, one budget on a row that exists, is a single statement on the driver itself
+(``DirectStatements``). After the call, the reservation is replaced by the actual cost: the
+settlement is written by the audit writer in the same transaction as the call's decision record,
+so the ledger and the audit always agree, and the request path never waits for it. Until then
+the reservation stays held, which can only over-count. Money is integer micro-dollars.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -21,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.errors import BudgetExceeded, StoreUnavailable
-from gateway.store import BudgetLedger
+from gateway.store import BudgetLedger, DirectStatements
 from gateway.types import Budget
 
 WINDOWS = ("day", "month", "total")
@@ -36,11 +40,10 @@ def period_of(window: str, now: datetime) -> str:
     return "all"
 
 
-# Prepared once: the hot path binds values and never rebuilds or recompiles a statement.
-_RESERVE = text(
-    "UPDATE budget_ledger SET reserved_micro_usd = reserved_micro_usd + :amount "
-    "WHERE scope = :scope AND \"window\" = :window AND period = :period "
-    "AND spent_micro_usd + reserved_micro_usd + :amount <= :limit")
+# The hot path's one statement: $1 amount, $2 scope, $3 window, $4 period, $5 limit.
+RESERVE_ONE = (
+    "UPDATE budget_ledger SET reserved_micro_usd = reserved_micro_usd + $1 "
+    "WHERE scope = $2 AND \"window\" = $3 AND period = $4 AND spent_micro_usd + reserved_micro_usd + $1 <= $5")
 _SETTLE = text(
     "UPDATE budget_ledger SET reserved_micro_usd = reserved_micro_usd - :reserved, "
     "spent_micro_usd = spent_micro_usd + :actual "
@@ -60,11 +63,9 @@ class Reservation:
 
 
 class BudgetLedgerStore:
-    def __init__(self, engine: AsyncEngine, spend_cache_ttl_s: float, autocommit: AsyncEngine | None = None) -> None:
-        """``autocommit``: an engine from ``create_store_engine(url, autocommit=True)`` for the
-        single-statement hot path; without it those statements run in ordinary transactions."""
+    def __init__(self, engine: AsyncEngine, direct: DirectStatements, spend_cache_ttl_s: float) -> None:
         self._engine = engine
-        self._autocommit = autocommit
+        self._direct = direct
         self._insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
         self._known_rows: set[tuple[str, str, str]] = set()
         self._spend_ttl = spend_cache_ttl_s
@@ -130,29 +131,36 @@ class BudgetLedgerStore:
         self._known_rows.update(rows)
         return Reservation(rows=rows, amount_micro_usd=amount_micro_usd)
 
-    def _statement(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        return self._autocommit.connect() if self._autocommit is not None else self._engine.begin()
-
     async def _reserve_one(self, budget: Budget, row: tuple[str, str, str], amount_micro_usd: int) -> Reservation:
         """The common case, one budget on a known row: one statement, atomic on its own."""
+        scope, window, period = row
         try:
-            async with self._statement() as connection:
-                result = await connection.execute(_RESERVE, {
-                    "scope": row[0], "window": row[1], "period": row[2], "amount": amount_micro_usd,
-                    "limit": budget.limit_micro_usd})
-        except SQLAlchemyError as exc:
+            changed = await self._direct.rowcount(RESERVE_ONE, amount_micro_usd, scope, window, period,
+                                                  budget.limit_micro_usd)
+        except Exception as exc:  # the driver's own errors (sqlite3, asyncpg, OSError): fail closed
             raise StoreUnavailable() from exc
-        if result.rowcount != 1:
+        if changed != 1:
             raise _exceeded(budget, amount_micro_usd)
         return Reservation(rows=(row,), amount_micro_usd=amount_micro_usd)
 
-    async def settle(self, reservation: Reservation, actual_micro_usd: int) -> None:
-        """Replace the reservation by the actual cost (0 when the call failed before a reply)."""
-        if not reservation.rows:
-            return
-        # Each row's settlement is one atomic statement; rows need no common transaction.
-        async with self._statement() as connection:
-            for scope, window, period in reservation.rows:
-                await connection.execute(_SETTLE, {
-                    "scope": scope, "window": window, "period": period,
-                    "reserved": reservation.amount_micro_usd, "actual": actual_micro_usd})
+
+def settlement(reservation: Reservation, actual_micro_usd: int) -> list[dict[str, Any]]:
+    """The ledger changes that replace a reservation by the actual cost (0 when the call failed
+    before a reply), for ``write_settlements``."""
+    return [{"scope": scope, "window": window, "period": period,
+             "reserved": reservation.amount_micro_usd, "actual": actual_micro_usd}
+            for scope, window, period in reservation.rows]
+
+
+async def write_settlements(connection: AsyncConnection, settlements: Sequence[dict[str, Any]]) -> None:
+    """Apply settlements inside the caller's transaction: one UPDATE per ledger row, in the same
+    row order reservations lock them, so a settling writer and reserving calls cannot deadlock."""
+    totals: dict[tuple[str, str, str], list[int]] = {}
+    for entry in settlements:
+        total = totals.setdefault((entry["scope"], entry["window"], entry["period"]), [0, 0])
+        total[0] += entry["reserved"]
+        total[1] += entry["actual"]
+    if totals:
+        await connection.execute(_SETTLE, [
+            {"scope": scope, "window": window, "period": period, "reserved": reserved, "actual": actual}
+            for (scope, window, period), (reserved, actual) in sorted(totals.items())])

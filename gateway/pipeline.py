@@ -125,7 +125,7 @@ class ChatPipeline:
         completion = await self.router.complete(models, upstream_body, root, record.route)  # 6 route + call
         record.usage = completion.usage
         await self._inspect(completion.tool_calls, completion.finish_reasons, record)  # 7 inspect
-        await self._settle(record)                                                      # 8 settle
+        self._settle(record)                                                            # 8 settle
         self._record(record, root, status=200, completion=completion)                   # 9 record
         return Response(completion.body, media_type="application/json", headers=self._headers(record, root))
 
@@ -228,21 +228,19 @@ class ChatPipeline:
                 record.usage = Usage(input_tokens=record.facts.input_tokens if record.facts else 0,
                                      output_tokens=relayed)
                 record.reasons = (*record.reasons, "usage estimated: the stream ended before the provider reported it")
-            await self._settle(record)
+            self._settle(record)
             self._record(record, root, status=status, error=error, summary=summary)
 
-    async def _settle(self, record: CallRecord) -> None:
+    def _settle(self, record: CallRecord) -> None:
+        """Price the usage and hand the settlement to the audit writer, which writes it with the
+        call's decision record; until then the reservation stays held."""
         if record.reservation is None:
             return
         usage = record.usage
         record.cost_micro_usd = record.route.model.cost_micro_usd(usage.input_tokens, usage.output_tokens) \
             if record.route else 0
         reservation, record.reservation = record.reservation, None
-        try:
-            await self.ledger.settle(reservation, record.cost_micro_usd)
-        except Exception:
-            # The reservation stays held (it can only over-count), and the audit keeps the cost.
-            log.exception("settling decision %s failed; its reservation stays held", record.decision_id)
+        self.audit.add_settlement(reservation, record.cost_micro_usd)
 
     def _headers(self, record: CallRecord, root: Span) -> dict[str, str]:
         return {"lockgate-decision-id": record.decision_id,
@@ -251,7 +249,7 @@ class ChatPipeline:
     async def _refuse(self, record: CallRecord, root: Span, exc: GatewayError) -> Response:
         response = error_response(exc)
         response.headers.update(self._headers(record, root))
-        await self._settle(record)  # releases the reservation of a call that failed
+        self._settle(record)  # releases the reservation of a call that failed
         self._record(record, root, status=exc.status, error=exc)
         return response
 

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,9 +27,9 @@ from gateway.policy.preflight import run_preflight
 from gateway.policy.source import default_policy_dir, load_policy_source
 from gateway.routing import Router
 from gateway.settings import Settings
-from gateway.store import create_store_engine, create_tables
+from gateway.store import DirectStatements, create_store_engine, create_tables
 from gateway.types import Provider
-from gateway.upstream import build_http_client
+from gateway.upstream import UpstreamClient, build_http_client
 
 
 class StartupError(RuntimeError):
@@ -41,8 +40,8 @@ class StartupError(RuntimeError):
 class Runtime:
     settings: Settings
     engine: AsyncEngine
-    autocommit: AsyncEngine
-    http: httpx.AsyncClient
+    direct: DirectStatements
+    http: UpstreamClient
     tracer_provider: TracerProvider
     audit: AuditWriter
     keys: KeyStore
@@ -57,7 +56,7 @@ class Runtime:
         await self.audit.close()
         await self.http.aclose()
         await self.engine.dispose()
-        await self.autocommit.dispose()
+        await self.direct.close()
         self.policy.engine.close()
 
 
@@ -72,19 +71,35 @@ def build_policy(settings: Settings) -> PolicyStage:
         raise StartupError(f"policy in {folder} cannot be used: {exc}") from None
 
 
+def _store_name(settings: Settings) -> str:
+    return settings.database_url.split("@")[-1]  # never the credentials
+
+
 async def open_store(settings: Settings) -> AsyncEngine:
     engine = create_store_engine(settings.database_url)
     try:
         await create_tables(engine)
     except Exception as exc:
         await engine.dispose()
-        raise StartupError(f"cannot open the store at {settings.database_url.split('@')[-1]}: {exc}") from None
+        raise StartupError(f"cannot open the store at {_store_name(settings)}: {exc}") from None
     return engine
+
+
+async def open_direct_statements(settings: Settings) -> DirectStatements:
+    try:
+        return await DirectStatements.open(settings.database_url)
+    except Exception as exc:
+        raise StartupError(f"cannot open the store at {_store_name(settings)}: {exc}") from None
 
 
 async def build_runtime(settings: Settings, extra_span_processors: Sequence[SpanProcessor] = ()) -> Runtime:
     policy = build_policy(settings)
     engine = await open_store(settings)
+    try:
+        direct = await open_direct_statements(settings)
+    except StartupError:
+        await engine.dispose()
+        raise
     audit = AuditWriter(engine, settings.audit_flush_interval_s, settings.audit_batch_size)
     tracer_provider = build_tracer_provider(audit, settings.audit_flush_interval_s, extra_span_processors)
     tracer = tracer_provider.get_tracer("lockgate")
@@ -97,14 +112,14 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
         router = Router(settings.models, providers, settings.secret, tracer, settings.upstream_retries)
     except ValueError as exc:
         await engine.dispose()
+        await direct.close()
         raise StartupError(str(exc)) from None
     keys = KeyStore(engine, settings.auth_cache_ttl_s)
     approvals = ApprovalQueue(engine)
-    autocommit = create_store_engine(settings.database_url, autocommit=True)
-    ledger = BudgetLedgerStore(engine, settings.spend_cache_ttl_s, autocommit)
+    ledger = BudgetLedgerStore(engine, direct, settings.spend_cache_ttl_s)
     pipeline = ChatPipeline(keys=keys, policy=policy, approvals=approvals, ledger=ledger, router=router,
                             audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes)
     audit.start()
-    return Runtime(settings=settings, engine=engine, autocommit=autocommit, http=http,
+    return Runtime(settings=settings, engine=engine, direct=direct, http=http,
                    tracer_provider=tracer_provider, audit=audit,
                    keys=keys, approvals=approvals, ledger=ledger, policy=policy, router=router, pipeline=pipeline)

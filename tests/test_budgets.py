@@ -6,7 +6,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.budgets import BudgetLedgerStore, Reservation, period_of
+from gateway.budgets import BudgetLedgerStore, Reservation, period_of, settlement, write_settlements
 from gateway.describe import describe_chat
-from gateway.errors import BudgetExceeded
+from gateway.errors import BudgetExceeded, StoreUnavailable
 from gateway.settings import DEFAULT_MODELS
-from gateway.store import BudgetLedger, create_store_engine, create_tables
+from gateway.store import BudgetLedger, DirectStatements, create_store_engine, create_tables
 from gateway.types import Budget, CatalogModel
 from tests.conftest import ROOT, Gateway, free_port, run, start_gateway, stop_gateway
 
@@ -30,6 +30,25 @@ MONTH = "2026-11"
 
 Row = tuple[str, str, str]
 
+
+
+@pytest.fixture
+async def direct(engine: AsyncEngine, store_url: str) -> AsyncIterator[DirectStatements]:
+    """The hot path's own connection to the store (after ``engine`` created the tables)."""
+    statements = await DirectStatements.open(store_url)
+    yield statements
+    await statements.close()
+
+
+@pytest.fixture
+def ledger(engine: AsyncEngine, direct: DirectStatements) -> BudgetLedgerStore:
+    return BudgetLedgerStore(engine, direct, 0)
+
+
+async def settle(engine: AsyncEngine, reservation: Reservation, actual_micro_usd: int) -> None:
+    """What the audit writer does with a call's settlement, alone in a transaction."""
+    async with engine.begin() as connection:
+        await write_settlements(connection, settlement(reservation, actual_micro_usd))
 
 
 async def ledger_rows(engine: AsyncEngine) -> dict[Row, tuple[int, int]]:
@@ -47,8 +66,8 @@ def month(scope: str, limit: int) -> Budget:
 # --- reserve ------------------------------------------------------------------------------------
 
 
-async def test_reservations_within_the_limit_are_held_up_to_exactly_the_limit(engine: AsyncEngine) -> None:
-    ledger = BudgetLedgerStore(engine, 0)
+async def test_reservations_within_the_limit_are_held_up_to_exactly_the_limit(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
 
     first = await ledger.reserve([month("team:a", 1000)], 400, NOW)
     second = await ledger.reserve([month("team:a", 1000)], 600, NOW)  # spent + reserved + amount == limit
@@ -58,8 +77,8 @@ async def test_reservations_within_the_limit_are_held_up_to_exactly_the_limit(en
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (0, 1000)}
 
 
-async def test_a_reservation_past_the_limit_is_refused_and_changes_no_row(engine: AsyncEngine) -> None:
-    ledger = BudgetLedgerStore(engine, 0)
+async def test_a_reservation_past_the_limit_is_refused_and_changes_no_row(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
     await ledger.reserve([month("team:a", 1000)], 600, NOW)
     before = await ledger_rows(engine)
 
@@ -70,8 +89,8 @@ async def test_a_reservation_past_the_limit_is_refused_and_changes_no_row(engine
     assert await ledger_rows(engine) == before == {("team:a", "month", MONTH): (0, 600)}
 
 
-async def test_a_first_reservation_past_the_limit_leaves_no_row_behind(engine: AsyncEngine) -> None:
-    ledger = BudgetLedgerStore(engine, 0)
+async def test_a_first_reservation_past_the_limit_leaves_no_row_behind(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
 
     with pytest.raises(BudgetExceeded):
         await ledger.reserve([month("team:a", 1000)], 1001, NOW)
@@ -82,8 +101,8 @@ async def test_a_first_reservation_past_the_limit_leaves_no_row_behind(engine: A
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (0, 1000)}
 
 
-async def test_when_a_later_budget_refuses_the_earlier_reservations_are_rolled_back(engine: AsyncEngine) -> None:
-    ledger = BudgetLedgerStore(engine, 0)
+async def test_when_a_later_budget_refuses_the_earlier_reservations_are_rolled_back(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
     budgets = [month("team:a", 10_000), Budget("user:b", "day", 500), month("org:c", 10_000)]
     await ledger.reserve(budgets, 100, NOW)
     before = await ledger_rows(engine)
@@ -99,11 +118,10 @@ async def test_when_a_later_budget_refuses_the_earlier_reservations_are_rolled_b
     }
 
 
-async def test_no_budgets_reserves_nothing(engine: AsyncEngine) -> None:
-    ledger = BudgetLedgerStore(engine, 0)
+async def test_no_budgets_reserves_nothing(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
 
     reservation = await ledger.reserve([], 10**9, NOW)
-    await ledger.settle(reservation, 10**9)
+    await settle(engine, reservation, 10**9)
 
     assert reservation.rows == ()
     assert await ledger_rows(engine) == {}
@@ -112,21 +130,44 @@ async def test_no_budgets_reserves_nothing(engine: AsyncEngine) -> None:
 # --- settle -------------------------------------------------------------------------------------
 
 
-async def test_settle_replaces_the_reservation_by_the_actual_cost(engine: AsyncEngine) -> None:
-    ledger = BudgetLedgerStore(engine, 0)
+async def test_settle_replaces_the_reservation_by_the_actual_cost(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
     budgets = [month("team:a", 1000), Budget("org:c", "total", 5000)]
     held = await ledger.reserve(budgets, 700, NOW)
     other = await ledger.reserve(budgets, 300, NOW)
 
-    await ledger.settle(held, 120)
+    await settle(engine, held, 120)
 
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (120, 300), ("org:c", "total", "all"): (120, 300)}
-    await ledger.settle(other, 0)  # a call that failed before any reply costs nothing
+    await settle(engine, other, 0)  # a call that failed before any reply costs nothing
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (120, 0), ("org:c", "total", "all"): (120, 0)}
     # What was released is available again, and the settled spend counts against the limit.
     await ledger.reserve(budgets, 880, NOW)
     with pytest.raises(BudgetExceeded):
         await ledger.reserve(budgets, 1, NOW)
+
+
+async def test_settlements_of_one_row_in_one_batch_add_up(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+    budgets = [month("team:a", 10_000)]
+    held = [await ledger.reserve(budgets, 1000, NOW) for _ in range(3)]
+
+    async with engine.begin() as connection:  # one flush of the audit writer settles all three
+        await write_settlements(connection, [s for r, cost in zip(held, (100, 0, 250), strict=True)
+                                             for s in settlement(r, cost)])
+
+    assert await ledger_rows(engine) == {("team:a", "month", MONTH): (350, 0)}
+
+
+async def test_a_store_the_hot_path_cannot_reach_refuses_the_call(engine: AsyncEngine, direct: DirectStatements,
+                                                                   ledger: BudgetLedgerStore) -> None:
+    budgets = [month("team:a", 10_000)]
+    await ledger.reserve(budgets, 1, NOW)  # the row exists now: the next reservation takes the direct path
+    await direct.close()
+
+    with pytest.raises(StoreUnavailable):
+        await ledger.reserve(budgets, 1, NOW)
+
+    assert await ledger_rows(engine) == {("team:a", "month", MONTH): (0, 1)}
 
 
 # --- periods ------------------------------------------------------------------------------------
@@ -137,19 +178,18 @@ def test_period_of_each_window(window: str, period: str) -> None:
     assert period_of(window, NOW) == period
 
 
-async def test_each_window_charges_its_own_period_row(engine: AsyncEngine) -> None:
-    ledger = BudgetLedgerStore(engine, 0)
+async def test_each_window_charges_its_own_period_row(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
     budgets = [Budget("team:a", "day", 1000), Budget("team:a", "month", 1500), Budget("team:a", "total", 10_000)]
-    await ledger.settle(await ledger.reserve(budgets, 1000, NOW), 1000)
+    await settle(engine, await ledger.reserve(budgets, 1000, NOW), 1000)
 
     # The day is spent; the next day has a fresh day row, while month and total carry on.
     with pytest.raises(BudgetExceeded):
         await ledger.reserve(budgets, 1, NOW)
     tomorrow = NOW + timedelta(days=1)
-    await ledger.settle(await ledger.reserve(budgets, 500, tomorrow), 500)
+    await settle(engine, await ledger.reserve(budgets, 500, tomorrow), 500)
     # A new month opens fresh day and month rows; total still remembers everything.
     next_month = datetime(2026, 12, 1, tzinfo=UTC)
-    await ledger.settle(await ledger.reserve(budgets, 1000, next_month), 1000)
+    await settle(engine, await ledger.reserve(budgets, 1000, next_month), 1000)
 
     assert await ledger_rows(engine) == {
         ("team:a", "day", "2026-11-25"): (1000, 0),
@@ -164,12 +204,12 @@ async def test_each_window_charges_its_own_period_row(engine: AsyncEngine) -> No
 # --- spend --------------------------------------------------------------------------------------
 
 
-async def test_spend_reports_settled_spend_of_the_current_periods_only(engine: AsyncEngine) -> None:
-    ledger = BudgetLedgerStore(engine, 0)
+async def test_spend_reports_settled_spend_of_the_current_periods_only(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
     budgets = [Budget("team:a", "day", 10_000), month("team:a", 10_000), Budget("org:c", "total", 10_000)]
-    await ledger.settle(await ledger.reserve(budgets, 900, NOW), 250)
+    await settle(engine, await ledger.reserve(budgets, 900, NOW), 250)
     await ledger.reserve(budgets, 400, NOW)  # reserved, not spent: not reported
-    await ledger.settle(await ledger.reserve([month("team:a", 10_000)], 10, NOW - timedelta(days=31)), 10)
+    await settle(engine, await ledger.reserve([month("team:a", 10_000)], 10, NOW - timedelta(days=31)), 10)
 
     spend = await ledger.spend(["team:a", "org:c", "team:unknown"], NOW)
 
@@ -177,14 +217,14 @@ async def test_spend_reports_settled_spend_of_the_current_periods_only(engine: A
     assert await ledger.spend(["team:a"], NOW + timedelta(days=1)) == {"team:a": {"month": 250}}
 
 
-async def test_spend_is_cached_for_its_ttl(engine: AsyncEngine) -> None:
-    cached = BudgetLedgerStore(engine, 3600)
-    fresh = BudgetLedgerStore(engine, 0)
+async def test_spend_is_cached_for_its_ttl(engine: AsyncEngine, direct: DirectStatements) -> None:
+    cached = BudgetLedgerStore(engine, direct, 3600)
+    fresh = BudgetLedgerStore(engine, direct, 0)
     budgets = [month("team:a", 10_000)]
-    await fresh.settle(await fresh.reserve(budgets, 100, NOW), 100)
+    await settle(engine, await fresh.reserve(budgets, 100, NOW), 100)
     assert await cached.spend(["team:a"], NOW) == {"team:a": {"month": 100}}
 
-    await fresh.settle(await fresh.reserve(budgets, 100, NOW), 100)
+    await settle(engine, await fresh.reserve(budgets, 100, NOW), 100)
 
     assert await cached.spend(["team:a"], NOW) == {"team:a": {"month": 100}}  # within its TTL: the cached value
     assert await fresh.spend(["team:a"], NOW) == {"team:a": {"month": 200}}  # TTL 0: read every time
@@ -204,8 +244,7 @@ async def _reserve_outcomes(stores: list[BudgetLedgerStore], budgets: list[Budge
     return [not isinstance(r, BaseException) for r in results]
 
 
-async def test_concurrent_reservations_never_overspend(engine: AsyncEngine) -> None:
-    ledger = BudgetLedgerStore(engine, 0)
+async def test_concurrent_reservations_never_overspend(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
     # Exactly 7 reservations of 1000 fit in the team budget; the org budget could take them all.
     budgets = [month("team:a", 7_999), month("org:c", 1_000_000)]
 
@@ -217,9 +256,10 @@ async def test_concurrent_reservations_never_overspend(engine: AsyncEngine) -> N
 
 async def test_two_replicas_sharing_the_store_never_overspend(store_url: str) -> None:
     engines = [create_store_engine(store_url), create_store_engine(store_url)]
+    await create_tables(engines[0])
+    directs = [await DirectStatements.open(store_url) for _ in engines]
     try:
-        await create_tables(engines[0])
-        replicas = [BudgetLedgerStore(e, 0) for e in engines]
+        replicas = [BudgetLedgerStore(e, d, 0) for e, d in zip(engines, directs, strict=True)]
         budgets = [month("team:a", 12_500), month("org:c", 1_000_000)]
 
         granted = await _reserve_outcomes(replicas, budgets, 1000, 50)
@@ -229,21 +269,23 @@ async def test_two_replicas_sharing_the_store_never_overspend(store_url: str) ->
             ("team:a", "month", MONTH): (0, 12_000), ("org:c", "month", MONTH): (0, 12_000)}
         # Settling everything from both replicas at once leaves no reservation behind.
         rows = (("team:a", "month", MONTH), ("org:c", "month", MONTH))
-        await asyncio.gather(*(replicas[i % 2].settle(Reservation(rows=rows, amount_micro_usd=1000), 300)
+        await asyncio.gather(*(settle(engines[i % 2], Reservation(rows=rows, amount_micro_usd=1000), 300)
                                for i in range(12)))
         assert await ledger_rows(engines[1]) == {
             ("team:a", "month", MONTH): (3600, 0), ("org:c", "month", MONTH): (3600, 0)}
     finally:
+        for d in directs:
+            await d.close()
         for e in engines:
             await e.dispose()
 
 
-async def test_concurrent_reservations_naming_budgets_in_different_orders_all_succeed(engine: AsyncEngine) -> None:
+async def test_concurrent_reservations_naming_budgets_in_different_orders_all_succeed(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
     # A policy may list the same budgets in different orders for different calls (say, [user, team]
     # in one rule and [team, user] in another). Reservations must not deadlock on each other's row
     # locks: on PostgreSQL a deadlock aborts a transaction, and the caller gets a 503 for a call
     # its budgets could cover.
-    ledger = BudgetLedgerStore(engine, 0)
     team, user = month("team:a", 10**9), month("user:b", 10**9)
     await ledger.reserve([team, user], 1, NOW)  # both rows exist, so only the UPDATEs take locks
 

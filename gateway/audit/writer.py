@@ -1,8 +1,10 @@
-"""Buffered audit writes: rows from requests and from the span exporter thread, written in batches.
+"""Buffered writes of what each call leaves behind: decision records, spans and ledger settlements.
 
-Requests never wait on an audit insert. Rows are written every ``audit_flush_interval_s`` or as
-soon as ``audit_batch_size`` are waiting, and always on shutdown. A failed write keeps its rows
-and tries again on the next flush; nothing is dropped while the process lives.
+Requests never wait on these writes. Rows are written every ``audit_flush_interval_s`` or as
+soon as ``audit_batch_size`` are waiting, and always on shutdown, in one transaction per flush:
+a call's decision record and the settlement of its budget reservation land together or not at
+all, so the audit's cost and the ledger's spend always agree. A failed write keeps its rows and
+tries again on the next flush; nothing is dropped while the process lives.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.budgets import Reservation, settlement, write_settlements
 from gateway.store import DecisionRecord, SpanRecord
 
 log = logging.getLogger("lockgate.audit")
 
 _TABLES = {"decision": DecisionRecord.__table__, "span": SpanRecord.__table__}  # type: ignore[attr-defined]
+_KINDS = (*_TABLES, "settlement")
 
 
 class AuditWriter:
@@ -27,7 +31,7 @@ class AuditWriter:
         self._interval = flush_interval_s
         self._batch_size = batch_size
         # deque.append is atomic, so the span exporter's thread may add rows without a lock.
-        self._pending: dict[str, deque[dict[str, Any]]] = {kind: deque() for kind in _TABLES}
+        self._pending: dict[str, deque[dict[str, Any]]] = {kind: deque() for kind in _KINDS}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -36,6 +40,10 @@ class AuditWriter:
         self._pending["decision"].append(row)
         if len(self._pending["decision"]) >= self._batch_size:
             self._wake.set()
+
+    def add_settlement(self, reservation: Reservation, actual_micro_usd: int) -> None:
+        """Replace a reservation by the actual cost, in the flush that writes the call's record."""
+        self._pending["settlement"].extend(settlement(reservation, actual_micro_usd))
 
     def add_spans(self, rows: list[dict[str, Any]]) -> None:
         """Called from the span processor's thread."""
@@ -67,9 +75,10 @@ class AuditWriter:
                 return
             try:
                 async with self._engine.begin() as connection:
-                    for kind, rows in batches.items():
-                        if rows:
-                            await connection.execute(_TABLES[kind].insert(), rows)
+                    for kind, table in _TABLES.items():
+                        if batches[kind]:
+                            await connection.execute(table.insert(), batches[kind])
+                    await write_settlements(connection, batches["settlement"])
             except BaseException:
                 for kind, rows in batches.items():
                     self._pending[kind].extendleft(reversed(rows))

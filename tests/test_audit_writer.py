@@ -1,0 +1,77 @@
+"""The audit writer: a call's decision record and its budget settlement land in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.audit.writer import AuditWriter
+from gateway.budgets import BudgetLedgerStore
+from gateway.store import BudgetLedger, DecisionRecord, DirectStatements
+from gateway.types import Budget
+
+NOW = datetime(2026, 11, 25, 4, 0, tzinfo=UTC)
+_decisions = DecisionRecord.__table__  # type: ignore[attr-defined]
+_ledger = BudgetLedger.__table__  # type: ignore[attr-defined]
+
+
+def decision_row(decision_id: str, cost: int) -> dict[str, Any]:
+    return {"id": decision_id, "trace_id": "t" * 32, "created_at": NOW, "outcome": "allowed", "status_code": 200,
+            "endpoint": "chat.completions", "stream": False, "reasons": [], "input_tokens": 1, "output_tokens": 1,
+            "cost_micro_usd": cost, "duration_ms": 1.0}
+
+
+@pytest.fixture
+async def ledger(engine: AsyncEngine, store_url: str) -> AsyncIterator[BudgetLedgerStore]:
+    direct = await DirectStatements.open(store_url)
+    yield BudgetLedgerStore(engine, direct, 0)
+    await direct.close()
+
+
+async def state(engine: AsyncEngine) -> tuple[list[str], tuple[int, int]]:
+    """The decision ids in the store, and (spent, reserved) of the one ledger row."""
+    async with engine.connect() as connection:
+        ids = [r.id for r in (await connection.execute(select(_decisions.c.id).order_by(_decisions.c.id))).all()]
+        row = (await connection.execute(select(_ledger.c.spent_micro_usd, _ledger.c.reserved_micro_usd))).one()
+    return ids, (row.spent_micro_usd, row.reserved_micro_usd)
+
+
+async def test_a_decision_record_and_its_settlement_are_written_together(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1000)
+    reservation = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
+
+    writer.add_settlement(reservation, 120)
+    writer.add_decision(decision_row("dec_1", 120))
+    assert await state(engine) == ([], (0, 900))  # buffered: the reservation is still held
+
+    await writer.flush()
+
+    assert await state(engine) == (["dec_1"], (120, 0))
+    assert writer.pending == 0
+
+
+async def test_a_failed_flush_writes_neither_and_keeps_both_for_the_next(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1000)
+    reservation = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
+    async with engine.begin() as connection:  # a row in the way: the flush's insert will conflict
+        await connection.execute(_decisions.insert(), [decision_row("dec_1", 0)])
+
+    writer.add_decision(decision_row("dec_1", 120))
+    writer.add_settlement(reservation, 120)
+    with pytest.raises(IntegrityError):
+        await writer.flush()
+
+    assert await state(engine) == (["dec_1"], (0, 900))  # the settlement was rolled back with the insert
+    assert writer.pending == 2
+    async with engine.begin() as connection:
+        await connection.execute(delete(_decisions))
+    await writer.flush()  # the next try writes both, once
+    assert await state(engine) == (["dec_1"], (120, 0))
