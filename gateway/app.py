@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -93,6 +94,12 @@ def create_app(settings: Settings, extra_span_processors: Sequence[SpanProcessor
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         runtime = await build_runtime(settings, extra_span_processors)
+        # Everything built so far lives as long as the process: move it out of the collector's
+        # sight, so a full collection scans only what requests create. Unfrozen, the full
+        # collections of this heap paused the event loop for 90-130 ms every 1.5 s under load
+        # (the chat c=8 p99 of the bench).
+        gc.collect()
+        gc.freeze()
         try:
             yield {"runtime": runtime}
         finally:

@@ -34,9 +34,9 @@ _ledger = BudgetLedger.__table__  # type: ignore[attr-defined]
 
 def period_of(window: str, now: datetime) -> str:
     if window == "day":
-        return now.strftime("%Y-%m-%d")
+        return f"{now.year:04d}-{now.month:02d}-{now.day:02d}"
     if window == "month":
-        return now.strftime("%Y-%m")
+        return f"{now.year:04d}-{now.month:02d}"
     return "all"
 
 

@@ -68,10 +68,10 @@ class Router:
     @staticmethod
     def _end_span(span: Span, error: BaseException | None, summary: Completion | StreamSummary | None) -> None:
         if summary is not None:
-            span.set_attribute("gen_ai.response.model", summary.response_model)
-            span.set_attribute("gen_ai.usage.input_tokens", summary.usage.input_tokens)
-            span.set_attribute("gen_ai.usage.output_tokens", summary.usage.output_tokens)
-            span.set_attribute("gen_ai.response.finish_reasons", list(summary.finish_reasons))
+            span.set_attributes({"gen_ai.response.model": summary.response_model,
+                                 "gen_ai.usage.input_tokens": summary.usage.input_tokens,
+                                 "gen_ai.usage.output_tokens": summary.usage.output_tokens,
+                                 "gen_ai.response.finish_reasons": tuple(summary.finish_reasons)})
         if error is not None:
             span.set_attribute("error.type", type(error).__name__)
             span.set_status(Status(StatusCode.ERROR, str(error)))

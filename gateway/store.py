@@ -114,7 +114,9 @@ def utcnow() -> datetime:
 
 
 def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """UTC to the second, as policies compare it: 2026-11-25T04:00:00Z."""
+    m = moment
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}Z"
 
 
 def async_url(url: str) -> str:

@@ -43,11 +43,15 @@ class UpstreamClient:
     def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
         self._transport = transport
         self._timeout = timeout.as_dict()
+        self._urls: dict[str, httpx.URL] = {}  # httpx parses URLs in pure Python: once per provider
 
     def request(self, url: str, body: bytes, headers: Mapping[str, str], *, stream: bool,
                 timeout_s: float | None = None) -> httpx.Request:
         timeout = self._timeout if timeout_s is None else {**self._timeout, "read": timeout_s, "write": timeout_s}
-        return httpx.Request("POST", url, content=body, extensions={"timeout": timeout}, headers={
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = self._urls[url] = httpx.URL(url)
+        return httpx.Request("POST", parsed, content=body, extensions={"timeout": timeout}, headers={
             "user-agent": USER_AGENT,
             # An event stream is relayed as it comes, so it must not be compressed; a JSON reply
             # may be, and is decoded when it is read.
