@@ -61,10 +61,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when the store answers; the policy was compiled before the app started."""
+    """Ready when the store answers on both paths (SQLAlchemy's engine and the hot path's own
+    connection); the policy was compiled before the app started."""
+    runtime = _runtime(request)
     try:
-        async with _runtime(request).engine.connect() as connection:
+        async with runtime.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
+        await runtime.direct.rowcount("SELECT 1")
     except Exception:
         log.exception("readiness check: the store does not answer")
         return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)

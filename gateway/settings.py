@@ -119,9 +119,10 @@ SETTINGS: tuple[Setting, ...] = (
             _positive(float)),
     Setting("spend_cache_ttl_s", 1.0, "Seconds the spend shown to the policy may be stale.",
             _positive(float)),
-    Setting("audit_flush_interval_s", 0.2, "Seconds between writes of buffered audit rows to the store.",
-            _positive(float)),
-    Setting("audit_batch_size", 512, "Buffered audit rows that trigger an immediate write.", _positive(int)),
+    Setting("audit_flush_interval_s", 0.2,
+            "Seconds between writes of buffered decision records, spans and budget settlements to the store; "
+            "a call's reservation is held until its settlement is written.", _positive(float)),
+    Setting("audit_batch_size", 512, "Buffered decision records that trigger an immediate write.", _positive(int)),
     Setting("max_request_bytes", 4 * 1024 * 1024, "Largest request body accepted.", _positive(int)),
     Setting("mock_stream_delay_s", 0.0, "Pause between streamed chunks of the mock provider.",
             _positive(float)),

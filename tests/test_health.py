@@ -21,3 +21,12 @@ def test_healthz_and_readyz(tmp_path: Path) -> None:
         response = client.get("/readyz")
         assert response.status_code == 503
         assert response.json() == {"status": "unavailable", "store": "unreachable"}
+
+
+def test_readyz_fails_when_the_hot_paths_own_connection_is_gone(tmp_path: Path) -> None:
+    settings = load_settings(environ={"LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db"})
+    with TestClient(create_app(settings)) as client:
+        client.portal.call(client.app_state["runtime"].direct.close)  # type: ignore[union-attr]
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json() == {"status": "unavailable", "store": "unreachable"}
