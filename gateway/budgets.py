@@ -104,7 +104,10 @@ class BudgetLedgerStore:
         budgets = sorted(budgets, key=lambda b: (b.scope, b.window))
         rows = tuple((b.scope, b.window, period_of(b.window, now)) for b in budgets)
         if len(rows) == 1 and rows[0] in self._known_rows:
-            return await self._reserve_one(budgets[0], rows[0], amount_micro_usd)
+            if await self._reserve_one(budgets[0], rows[0], amount_micro_usd):
+                return Reservation(rows=rows, amount_micro_usd=amount_micro_usd)
+            # Refused, or the row is gone: the full path below decides, and says which.
+            self._known_rows.discard(rows[0])
         try:
             async with self._engine.begin() as connection:
                 missing = [row for row in rows if row not in self._known_rows]
@@ -131,7 +134,7 @@ class BudgetLedgerStore:
         self._known_rows.update(rows)
         return Reservation(rows=rows, amount_micro_usd=amount_micro_usd)
 
-    async def _reserve_one(self, budget: Budget, row: tuple[str, str, str], amount_micro_usd: int) -> Reservation:
+    async def _reserve_one(self, budget: Budget, row: tuple[str, str, str], amount_micro_usd: int) -> bool:
         """The common case, one budget on a known row: one statement, atomic on its own."""
         scope, window, period = row
         try:
@@ -139,9 +142,7 @@ class BudgetLedgerStore:
                                                   budget.limit_micro_usd)
         except Exception as exc:  # the driver's own errors (sqlite3, asyncpg, OSError): fail closed
             raise StoreUnavailable() from exc
-        if changed != 1:
-            raise _exceeded(budget, amount_micro_usd)
-        return Reservation(rows=(row,), amount_micro_usd=amount_micro_usd)
+        return changed == 1
 
 
 def settlement(reservation: Reservation, actual_micro_usd: int) -> list[dict[str, Any]]:

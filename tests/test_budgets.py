@@ -439,3 +439,15 @@ def test_a_stream_abandoned_after_its_answer_began_is_still_charged(store_url: s
         assert team_row(server) == (record["cost_micro_usd"], 0)
     finally:
         stop_gateway(server)
+
+
+async def test_a_known_row_that_disappeared_is_recreated_not_taken_for_a_spent_budget(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+    budgets = [month("team:a", 10_000)]
+    await ledger.reserve(budgets, 100, NOW)  # the store now knows the row and takes the direct path
+    async with engine.begin() as connection:
+        await connection.execute(BudgetLedger.__table__.delete())  # type: ignore[attr-defined]
+
+    await ledger.reserve(budgets, 100, NOW)
+
+    assert await ledger_rows(engine) == {("team:a", "month", MONTH): (0, 100)}
