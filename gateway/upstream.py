@@ -36,8 +36,8 @@ class UpstreamClient:
 
     ``httpx.AsyncClient.send`` adds an auth flow, redirect handling, event hooks and a cookie jar
     on top of the transport, none of which a gateway wants: a jar shared by every caller would
-    even replay one tenant's provider cookies on another's calls. Skipping them halves the
-    client's CPU per call (0.79 ms against 0.50 ms on the bench machine; aiohttp alone is 0.25).
+    replay one tenant's provider cookies on another's calls. Skipping them cuts the client's CPU
+    per call from 0.79 ms to 0.50 ms on the bench machine (aiohttp alone: 0.25 ms).
     """
 
     def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
@@ -69,8 +69,15 @@ class UpstreamClient:
 
 def build_http_client(*, timeout_s: float, connect_timeout_s: float, max_connections: int) -> UpstreamClient:
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return UpstreamClient(AiohttpTransport(limits=limits, trust_env=False),
-                          httpx.Timeout(timeout_s, connect=connect_timeout_s))
+    tls = httpx.create_ssl_context(trust_env=False)
+
+    def session() -> aiohttp.ClientSession:  # made on first use, inside the running loop
+        # aiohttp keeps cookies too, and would share them across callers like httpx's jar.
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=limits.keepalive_expiry, ssl=tls),
+            cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+
+    return UpstreamClient(AiohttpTransport(client=session), httpx.Timeout(timeout_s, connect=connect_timeout_s))
 
 
 @contextmanager

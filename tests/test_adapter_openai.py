@@ -141,6 +141,34 @@ async def test_no_authorization_header_is_sent_without_a_key(upstream: FakeOpenA
     assert "authorization" not in upstream.requests[0].headers
 
 
+async def test_requests_name_the_gateway_and_streams_refuse_compression(
+        upstream: FakeOpenAI, provider: OpenAIProvider) -> None:
+    upstream.script(reply(), reply())
+
+    await provider.complete(call(upstream))
+    await collect(provider, call(upstream, {**BODY, "stream": True}))
+
+    plain, stream = upstream.requests
+    assert plain.headers["user-agent"].startswith("lockgate")
+    assert plain.headers["accept-encoding"] == "gzip, deflate"  # a JSON reply may come compressed
+    assert stream.headers["accept-encoding"] == "identity"  # events are relayed as they arrive
+
+
+async def test_a_providers_cookies_are_never_sent_back(upstream: FakeOpenAI, provider: OpenAIProvider) -> None:
+    # One pooled client serves every caller: a cookie kept from one tenant's call (a load
+    # balancer's, say) must not ride along on the next caller's. "localhost", not 127.0.0.1,
+    # because cookie jars ignore cookies set by bare IP addresses.
+    upstream.script(error(503, headers=(("set-cookie", "lb=tenant-a; Path=/"),)), reply())
+    localhost = UpstreamCall(model=catalog_model(upstream.url.replace("127.0.0.1", "localhost")), body=BODY,
+                             api_key=PROVIDER_KEY)
+
+    with pytest.raises(UpstreamUnavailable):
+        await provider.complete(localhost)
+    await provider.complete(localhost)
+
+    assert [("cookie" in r.headers) for r in upstream.requests] == [False, False]
+
+
 # --- non-streaming replies ----------------------------------------------------------------------
 
 async def test_a_completion_is_passed_through_byte_for_byte_with_its_usage(
