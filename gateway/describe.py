@@ -19,6 +19,7 @@ DEFAULT_OUTPUT_TOKENS = 4096
 # A rough, tokenizer-free estimate: about four characters per token, plus framing per message.
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
+MAX_MODEL_CHARS = 256
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -54,6 +55,10 @@ def describe_chat(body: Mapping[str, Any]) -> CallFacts:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string.", param="model")
+    if len(model) > MAX_MODEL_CHARS or not model.isprintable():
+        # A model name is a catalog name or an alias; it ends up in spans, records and messages.
+        raise InvalidRequest(f"'model' must be a printable name of at most {MAX_MODEL_CHARS} characters.",
+                             param="model")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")

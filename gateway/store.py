@@ -1,8 +1,9 @@
-"""The one relational store: tables (SQLModel) and the async engine that reaches them.
+"""The one relational store: tables (SQLModel), and the two ways to reach them.
 
 SQLite (the default, one gateway process) or PostgreSQL (several replicas). Every stage that
 keeps state (keys, budget ledger, approvals, audit) owns its queries; this module only owns
-the schema and the connection.
+the schema and the connections: SQLAlchemy's async engine for everything, and
+``DirectStatements`` for the one statement on the request path (a budget reservation).
 """
 
 from __future__ import annotations

@@ -75,3 +75,16 @@ async def test_a_failed_flush_writes_neither_and_keeps_both_for_the_next(
         await connection.execute(delete(_decisions))
     await writer.flush()  # the next try writes both, once
     assert await state(engine) == (["dec_1"], (120, 0))
+
+
+async def test_a_nul_in_a_text_field_is_replaced_so_the_row_can_be_stored(engine: AsyncEngine) -> None:
+    # A provider's error message may echo what the client sent, NUL included; PostgreSQL's text
+    # columns refuse NUL, and a row that cannot be stored would hold back every later one.
+    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1000)
+    writer.add_decision({**decision_row("dec_1", 0), "error_message": "rejected: 'a\x00b'"})
+
+    await writer.flush()
+
+    async with engine.connect() as connection:
+        stored = (await connection.execute(select(_decisions.c.error_message))).scalar_one()
+    assert stored == "rejected: 'a\ufffdb'"

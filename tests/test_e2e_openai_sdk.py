@@ -202,3 +202,25 @@ def test_client_leaving_mid_stream_stops_the_call_and_is_recorded(store_url: str
         assert record["reasons"][-1] == "usage estimated: the stream ended before the provider reported it"
     finally:
         stop_gateway(server)
+
+
+def test_a_nul_character_from_a_client_cannot_stall_the_audit(gateway: Gateway) -> None:
+    # PostgreSQL refuses NUL in text columns. One decision record it cannot store would keep
+    # every later record (and every budget settlement, written with them) from being written.
+    key = gateway.create_key()
+    sdk = client(gateway, key)
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model="fast\x00evil", messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.body["param"] == "model"  # type: ignore[index]
+    odd = sdk.chat.completions.with_raw_response.create(
+        model="fast", messages=[{"role": "user", "content": "nul \x00 inside"}], metadata={"note": "a\x00b"},
+        tools=[{"type": "function", "function": {"name": "look\x00up", "parameters": {"type": "object"}}}])
+    assert odd.http_response.status_code == 200
+    later = sdk.chat.completions.with_raw_response.create(model="fast", messages=[{"role": "user", "content": "hi"}])
+
+    [record], _ = gateway.trace(later.headers["lockgate-trace-id"])
+    assert record["outcome"] == "allowed"
+    [refusal], _ = gateway.trace(refused.value.response.headers["lockgate-trace-id"], spans=0)
+    assert (refusal["status_code"], refusal["error_type"]) == (400, "InvalidRequest")
+    [kept], _ = gateway.trace(odd.headers["lockgate-trace-id"])
+    assert kept["policy_input"]["request"]["metadata"] == {"note": "a\x00b"}

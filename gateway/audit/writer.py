@@ -37,6 +37,11 @@ class AuditWriter:
         self._lock = asyncio.Lock()
 
     def add_decision(self, row: dict[str, Any]) -> None:
+        for name, value in row.items():
+            if isinstance(value, str) and "\x00" in value:
+                # PostgreSQL text refuses NUL, and one row it refuses would hold back every
+                # later one (and the settlements written with them).
+                row[name] = value.replace("\x00", "\ufffd")
         self._pending["decision"].append(row)
         if len(self._pending["decision"]) >= self._batch_size:
             self._wake.set()
