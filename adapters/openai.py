@@ -14,12 +14,21 @@ from gateway.errors import UpstreamError
 from gateway.types import Completion, StreamSummary, UpstreamCall, Usage
 from gateway.upstream import UpstreamClient, map_upstream_errors, upstream_status_error
 
+MAX_TOKENS_REPORTED = 2**31 - 1  # what the audit's token columns hold; no real call comes near it
+
+
+def _token_count(value: Any) -> int:
+    """A provider's token count, as a sane integer: a bogus value must not break charging or the audit."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    return min(max(int(value), 0), MAX_TOKENS_REPORTED)
+
 
 def read_usage(usage: Mapping[str, Any] | None) -> Usage:
     if not isinstance(usage, Mapping):
         return Usage()
-    return Usage(input_tokens=int(usage.get("prompt_tokens") or 0),
-                 output_tokens=int(usage.get("completion_tokens") or 0))
+    return Usage(input_tokens=_token_count(usage.get("prompt_tokens")),
+                 output_tokens=_token_count(usage.get("completion_tokens")))
 
 
 def _tool_names(message: Mapping[str, Any]) -> list[str]:

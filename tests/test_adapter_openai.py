@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from adapters.openai import OpenAIProvider
+from adapters.openai import MAX_TOKENS_REPORTED, OpenAIProvider, read_usage
 from gateway.errors import (
     UpstreamError,
     UpstreamRateLimited,
@@ -409,3 +409,17 @@ def test_reply_renders_both_wire_formats() -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == completion["usage"]
     assert all(c["usage"] is None for c in chunks[:-1])
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+@pytest.mark.parametrize(("reported", "counted"), [
+    ({"prompt_tokens": 12, "completion_tokens": 3}, (12, 3)),
+    ({"prompt_tokens": 3 * 10**9, "completion_tokens": -5}, (MAX_TOKENS_REPORTED, 0)),
+    ({"prompt_tokens": "12", "completion_tokens": None}, (0, 0)),
+    ({"prompt_tokens": True, "completion_tokens": 7.0}, (0, 7)),
+    (None, (0, 0)),
+])
+def test_usage_from_a_misbehaving_provider_is_kept_within_bounds(reported: Any, counted: tuple[int, int]) -> None:
+    # The audit's token columns are 32-bit on PostgreSQL: a value past them would make the
+    # call's record one the store refuses.
+    usage = read_usage(reported)
+    assert (usage.input_tokens, usage.output_tokens) == counted

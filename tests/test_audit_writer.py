@@ -1,19 +1,21 @@
-"""The audit writer: a call's decision record and its budget settlement land in one transaction."""
+"""The audit writer: a call's decision record and its budget settlement land in one transaction,
+and neither an absent store nor one bad row loses the others."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.audit.writer import AuditWriter
-from gateway.budgets import BudgetLedgerStore
-from gateway.store import BudgetLedger, DecisionRecord, DirectStatements
+from gateway.budgets import BudgetLedgerStore, Reservation
+from gateway.store import BudgetLedger, DecisionRecord, DirectStatements, create_store_engine, create_tables
 from gateway.types import Budget
 
 NOW = datetime(2026, 11, 25, 4, 0, tzinfo=UTC)
@@ -57,24 +59,46 @@ async def test_a_decision_record_and_its_settlement_are_written_together(
     assert writer.pending == 0
 
 
-async def test_a_failed_flush_writes_neither_and_keeps_both_for_the_next(
-        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+async def test_while_the_store_is_away_nothing_is_written_and_everything_is_kept(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/not-yet/lockgate.db"  # its folder does not exist: the store cannot open
+    engine = create_store_engine(url)
     writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1000)
-    reservation = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
-    async with engine.begin() as connection:  # a row in the way: the flush's insert will conflict
+    reservation = Reservation(rows=(("team:a", "month", "2026-11"),), amount_micro_usd=900)
+    writer.add_decision(decision_row("dec_1", 120))
+    writer.add_settlement(reservation, 120)
+    try:
+        with pytest.raises(OperationalError):
+            await writer.flush()
+        assert writer.pending == 2
+
+        (tmp_path / "not-yet").mkdir()  # the store comes back, with a call's reservation held in it
+        await create_tables(engine)
+        async with engine.begin() as connection:
+            await connection.execute(_ledger.insert(), [{"scope": "team:a", "window": "month", "period": "2026-11",
+                                                         "spent_micro_usd": 0, "reserved_micro_usd": 900}])
+        await writer.flush()
+
+        assert await state(engine) == (["dec_1"], (120, 0))
+        assert writer.pending == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_a_row_the_store_refuses_is_dropped_alone(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1000)
+    first = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
+    second = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
+    async with engine.begin() as connection:  # a row in the way: one insert of the batch will conflict
         await connection.execute(_decisions.insert(), [decision_row("dec_1", 0)])
 
     writer.add_decision(decision_row("dec_1", 120))
-    writer.add_settlement(reservation, 120)
-    with pytest.raises(IntegrityError):
-        await writer.flush()
+    writer.add_settlement(first, 120)
+    writer.add_decision(decision_row("dec_2", 80))
+    writer.add_settlement(second, 80)
+    await writer.flush()  # no error: the store answers, so the batch is written row by row
 
-    assert await state(engine) == (["dec_1"], (0, 900))  # the settlement was rolled back with the insert
-    assert writer.pending == 2
-    async with engine.begin() as connection:
-        await connection.execute(delete(_decisions))
-    await writer.flush()  # the next try writes both, once
-    assert await state(engine) == (["dec_1"], (120, 0))
+    assert await state(engine) == (["dec_1", "dec_2"], (200, 0))  # the conflicting copy alone is gone
+    assert writer.pending == 0
 
 
 async def test_a_nul_in_a_text_field_is_replaced_so_the_row_can_be_stored(engine: AsyncEngine) -> None:

@@ -3,8 +3,11 @@
 Requests never wait on these writes. Rows are written every ``audit_flush_interval_s`` or as
 soon as ``audit_batch_size`` are waiting, and always on shutdown, in one transaction per flush:
 a call's decision record and the settlement of its budget reservation land together or not at
-all, so the audit's cost and the ledger's spend always agree. A failed write keeps its rows and
-tries again on the next flush; nothing is dropped while the process lives.
+all, so the audit's cost and the ledger's spend always agree. While the store does not answer,
+a failed write keeps its rows and tries again on the next flush. When the store answers but
+refuses the batch, one of its rows is bad (a value the store cannot hold): the rows are then
+written one at a time and only the ones the store refuses are dropped, with an error in the
+log, so one bad row never holds back every later record and settlement.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 from collections import deque
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.budgets import Reservation, settlement, write_settlements
@@ -79,15 +83,50 @@ class AuditWriter:
             if not any(batches.values()):
                 return
             try:
-                async with self._engine.begin() as connection:
-                    for kind, table in _TABLES.items():
-                        if batches[kind]:
-                            await connection.execute(table.insert(), batches[kind])
-                    await write_settlements(connection, batches["settlement"])
+                await self._write(batches)
+            except Exception:
+                if not await self._store_answers():
+                    self._keep(batches)
+                    raise
+                log.exception("the store refused a batch of %d audit rows; writing them one at a time",
+                              sum(len(rows) for rows in batches.values()))
+                await self._write_one_at_a_time(batches)
             except BaseException:
-                for kind, rows in batches.items():
-                    self._pending[kind].extendleft(reversed(rows))
+                self._keep(batches)
                 raise
+
+    async def _write(self, batches: dict[str, list[dict[str, Any]]]) -> None:
+        async with self._engine.begin() as connection:
+            for kind, table in _TABLES.items():
+                if batches.get(kind):
+                    await connection.execute(table.insert(), batches[kind])
+            await write_settlements(connection, batches.get("settlement", ()))
+
+    async def _write_one_at_a_time(self, batches: dict[str, list[dict[str, Any]]]) -> None:
+        kinds = list(batches)
+        for position, kind in enumerate(kinds):
+            rows = batches[kind]
+            for index, row in enumerate(rows):
+                try:
+                    await self._write({kind: [row]})
+                except Exception:
+                    if not await self._store_answers():  # gone meanwhile: keep this row and the rest
+                        self._keep({kind: rows[index:], **{k: batches[k] for k in kinds[position + 1:]}})
+                        raise
+                    name = row.get("id") or row.get("span_id") or row.get("scope")
+                    log.exception("the store refuses audit %s row %s; it is dropped", kind, name)
+
+    async def _store_answers(self) -> bool:
+        try:
+            async with self._engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    def _keep(self, batches: dict[str, list[dict[str, Any]]]) -> None:
+        for kind, rows in batches.items():
+            self._pending[kind].extendleft(reversed(rows))
 
     async def close(self) -> None:
         if self._task is not None:
