@@ -82,18 +82,22 @@ class AuditWriter:
             batches = {kind: [rows.popleft() for _ in range(len(rows))] for kind, rows in self._pending.items()}
             if not any(batches.values()):
                 return
+            handed_on = False  # until the rows are written, or passed to a path that keeps what it cannot write
             try:
-                await self._write(batches)
-            except Exception:
-                if not await self._store_answers():
-                    self._keep(batches)
-                    raise
-                log.exception("the store refused a batch of %d audit rows; writing them one at a time",
-                              sum(len(rows) for rows in batches.values()))
+                try:
+                    await self._write(batches)
+                    handed_on = True
+                    return
+                except Exception:
+                    if not await self._store_answers():
+                        raise
+                    log.exception("the store refused a batch of %d audit rows; writing them one at a time",
+                                  sum(len(rows) for rows in batches.values()))
+                handed_on = True
                 await self._write_one_at_a_time(batches)
-            except BaseException:
-                self._keep(batches)
-                raise
+            finally:
+                if not handed_on:  # the store is away, or the flush was cancelled: keep all for the next
+                    self._keep(batches)
 
     async def _write(self, batches: dict[str, list[dict[str, Any]]]) -> None:
         async with self._engine.begin() as connection:
@@ -103,18 +107,24 @@ class AuditWriter:
             await write_settlements(connection, batches.get("settlement", ()))
 
     async def _write_one_at_a_time(self, batches: dict[str, list[dict[str, Any]]]) -> None:
-        kinds = list(batches)
-        for position, kind in enumerate(kinds):
-            rows = batches[kind]
-            for index, row in enumerate(rows):
+        """Each row alone; drop those the store refuses while it answers; keep the rest if it stops."""
+        rows = [(kind, row) for kind, kind_rows in batches.items() for row in kind_rows]
+        done = 0
+        try:
+            for kind, row in rows:
                 try:
                     await self._write({kind: [row]})
                 except Exception:
-                    if not await self._store_answers():  # gone meanwhile: keep this row and the rest
-                        self._keep({kind: rows[index:], **{k: batches[k] for k in kinds[position + 1:]}})
+                    if not await self._store_answers():
                         raise
                     name = row.get("id") or row.get("span_id") or row.get("scope")
                     log.exception("the store refuses audit %s row %s; it is dropped", kind, name)
+                done += 1
+        finally:
+            rest: dict[str, list[dict[str, Any]]] = {}
+            for kind, row in rows[done:]:
+                rest.setdefault(kind, []).append(row)
+            self._keep(rest)
 
     async def _store_answers(self) -> bool:
         try:
