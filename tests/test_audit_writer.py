@@ -3,6 +3,7 @@ and neither an absent store nor one bad row loses the others."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,3 +113,20 @@ async def test_a_nul_in_a_text_field_is_replaced_so_the_row_can_be_stored(engine
     async with engine.connect() as connection:
         stored = (await connection.execute(select(_decisions.c.error_message))).scalar_one()
     assert stored == "rejected: 'a\ufffdb'"
+
+
+async def test_close_lets_the_running_flush_finish_and_writes_what_came_after(
+        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1)  # one decision wakes the writer
+    writer.start()
+    held = [await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW) for _ in range(2)]
+    writer.add_settlement(held[0], 100)
+    writer.add_decision(decision_row("dec_1", 100))  # wakes the writer's own flush
+    await asyncio.sleep(0)
+    writer.add_settlement(held[1], 50)
+    writer.add_decision(decision_row("dec_2", 50))
+
+    await writer.close()
+
+    assert await state(engine) == (["dec_1", "dec_2"], (150, 0))  # each settlement applied exactly once
+    assert writer.pending == 0

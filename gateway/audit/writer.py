@@ -39,6 +39,7 @@ class AuditWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._closing = False
 
     def add_decision(self, row: dict[str, Any]) -> None:
         for name, value in row.items():
@@ -62,7 +63,7 @@ class AuditWriter:
         self._task = asyncio.create_task(self._run(), name="lockgate-audit-writer")
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
             except TimeoutError:
@@ -139,10 +140,10 @@ class AuditWriter:
             self._pending[kind].extendleft(reversed(rows))
 
     async def close(self) -> None:
+        """Let a flush under way finish (cancelled inside its commit, it could not know whether
+        its rows were written, and a retry could apply a settlement twice), then write the rest."""
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await self._task
         await self.flush()
