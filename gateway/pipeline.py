@@ -89,17 +89,17 @@ class ChatPipeline:
             with trace.use_span(root, end_on_exit=False):
                 response = await self._run(request, record, root)
         except GatewayError as exc:
-            return await self._refuse(record, root, exc)
+            return self._refuse(record, root, exc)
         except asyncio.CancelledError:
             # The server is stopping or the caller is gone: still release the reservation and
-            # write the record, even if cancelled again meanwhile.
-            await asyncio.shield(self._refuse(record, root, ClientClosed()))
+            # write the record (both only queue for the audit writer, so nothing here can be cut off).
+            self._refuse(record, root, ClientClosed())
             raise
         except Exception as exc:
             log.exception("unexpected error in decision %s", record.decision_id)
             wrapped = GatewayError()
             wrapped.__cause__ = exc
-            return await self._refuse(record, root, wrapped)
+            return self._refuse(record, root, wrapped)
         return response
 
     async def _run(self, request: Request, record: CallRecord, root: Span) -> Response:
@@ -251,7 +251,7 @@ class ChatPipeline:
         return {"lockgate-decision-id": record.decision_id,
                 "lockgate-trace-id": format(root.get_span_context().trace_id, "032x")}
 
-    async def _refuse(self, record: CallRecord, root: Span, exc: GatewayError) -> Response:
+    def _refuse(self, record: CallRecord, root: Span, exc: GatewayError) -> Response:
         response = error_response(exc)
         response.headers.update(self._headers(record, root))
         self._settle(record)  # releases the reservation of a call that failed

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from adapters.mock import MockProvider
@@ -75,13 +77,24 @@ def _store_name(settings: Settings) -> str:
     return settings.database_url.split("@")[-1]  # never the credentials
 
 
+def _without_password(settings: Settings, message: object) -> str:
+    """A driver's error text, with the store's password taken out should the driver quote it."""
+    text = str(message)
+    try:
+        password = make_url(settings.database_url).password
+    except ArgumentError:
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
 async def open_store(settings: Settings) -> AsyncEngine:
     engine = create_store_engine(settings.database_url)
     try:
         await create_tables(engine)
     except Exception as exc:
         await engine.dispose()
-        raise StartupError(f"cannot open the store at {_store_name(settings)}: {exc}") from None
+        raise StartupError(f"cannot open the store at {_store_name(settings)}: "
+                           f"{_without_password(settings, exc)}") from None
     return engine
 
 
@@ -89,7 +102,8 @@ async def open_direct_statements(settings: Settings) -> DirectStatements:
     try:
         return await DirectStatements.open(settings.database_url)
     except Exception as exc:
-        raise StartupError(f"cannot open the store at {_store_name(settings)}: {exc}") from None
+        raise StartupError(f"cannot open the store at {_store_name(settings)}: "
+                           f"{_without_password(settings, exc)}") from None
 
 
 async def build_runtime(settings: Settings, extra_span_processors: Sequence[SpanProcessor] = ()) -> Runtime:

@@ -126,7 +126,12 @@ async def test_close_lets_the_running_flush_finish_and_writes_what_came_after(
     writer.add_settlement(held[1], 50)
     writer.add_decision(decision_row("dec_2", 50))
 
-    await writer.close()
+    # Cancelling a flush while it checks out SQLite's one pooled connection used to leave the
+    # last flush waiting for that connection for good: bound the wait, so that fails, not hangs.
+    await asyncio.wait_for(writer.close(), timeout=15)
 
+    # The running flush was not cancelled: cancelled just after its COMMIT, it would have kept
+    # rows already written, and the last flush would have applied their settlements again.
+    assert writer._task is not None and not writer._task.cancelled()
     assert await state(engine) == (["dec_1", "dec_2"], (150, 0))  # each settlement applied exactly once
     assert writer.pending == 0
