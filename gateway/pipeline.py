@@ -151,14 +151,15 @@ class ChatPipeline:
         record.policy_input = build_input(principal, facts, estimate, spend, rfc3339(record.now))
         span = self.tracer.start_span("policy.decide", attributes={"lockgate.policy.entrypoint": DECISION})
         try:
-            decision, record.raw_decision = self.policy.decide(record.policy_input)
+            decision, record.raw_decision, reused = self.policy.decide(record.policy_input)
         except GatewayError as exc:
             span.set_attribute("error.type", type(exc).__name__)
             span.set_status(Status(StatusCode.ERROR, exc.message))
             raise
         else:
             span.set_attributes({"lockgate.decision.allow": decision.allow,
-                                 "lockgate.decision.reasons": decision.reasons})
+                                 "lockgate.decision.reasons": decision.reasons,
+                                 "lockgate.policy.reused": reused})
         finally:
             span.end()
         record.reasons = decision.reasons

@@ -117,6 +117,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_cache_ttl_s", 5.0,
             "Seconds a verified key stays cached in memory; a revoked key is refused within this time.",
             _positive(float)),
+    Setting("policy_cache_size", 4096,
+            "Decisions kept for reuse, keyed by the parts of the input the policy reads; a policy that reads "
+            "the clock or random numbers is evaluated on every call. 0 evaluates every call.", _positive(int)),
     Setting("spend_cache_ttl_s", 1.0, "Seconds the spend shown to the policy may be stale.",
             _positive(float)),
     Setting("audit_flush_interval_s", 0.2,

@@ -151,4 +151,8 @@ class PolicyEngine(Protocol):
 
     def defines(self, entrypoint: str) -> bool: ...
 
+    @property
+    def input_reads(self) -> tuple[tuple[str, ...], ...] | None:
+        """The input paths the policy can read, or None if its answers must not be reused."""
+
     def close(self) -> None: ...

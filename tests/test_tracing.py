@@ -74,11 +74,24 @@ def test_allowed_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, 
                 "gen_ai.response.finish_reasons": ["stop"]}, "children": []},
             {"name": "policy.decide", "kind": "INTERNAL", "status": "UNSET", "attributes": {
                 "lockgate.policy.entrypoint": "data.lockgate.decision", "lockgate.decision.allow": True,
-                "lockgate.decision.reasons": ["team research may use mock-fast"]}, "children": []},
+                "lockgate.decision.reasons": ["team research may use mock-fast"],
+                "lockgate.policy.reused": False}, "children": []},
         ],
     }
     root = next(s for s in spans if s.parent is None)
     assert response.headers["lockgate-trace-id"] == format(root.context.trace_id, "032x")
+
+
+def test_a_reused_decision_says_so_on_its_policy_span(traced: tuple[TestClient, InMemorySpanExporter, str]) -> None:
+    client, exporter, key = traced
+    for content in ("first", "second, longer: the policy does not read the messages"):
+        response = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                               json={"model": "fast", "messages": [{"role": "user", "content": content}]})
+        assert response.status_code == 200
+    policy_spans = [s for s in exporter.get_finished_spans() if s.name == "policy.decide"]
+    assert [(s.attributes or {}).get("lockgate.policy.reused") for s in policy_spans] == [False, True]
+    assert policy_spans[0].attributes["lockgate.decision.reasons"] == policy_spans[1].attributes[  # type: ignore[index]
+        "lockgate.decision.reasons"]
 
 
 def test_denied_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, str]) -> None:
@@ -97,7 +110,7 @@ def test_denied_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, s
         "children": [
             {"name": "policy.decide", "kind": "INTERNAL", "status": "UNSET", "attributes": {
                 "lockgate.policy.entrypoint": "data.lockgate.decision", "lockgate.decision.allow": False,
-                "lockgate.decision.reasons": [reason]}, "children": []},
+                "lockgate.decision.reasons": [reason], "lockgate.policy.reused": False}, "children": []},
         ],
     }
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.errors import PolicyFailed
+from gateway.policy.cache import DecisionCache
 from gateway.policy.embedded import PolicyEngineError
 from gateway.types import ApprovalRequirement, Budget, CallFacts, Decision, PolicyEngine, Principal
 
@@ -120,16 +121,27 @@ def parse_decision(raw: Any) -> Decision:
 
 
 class PolicyStage:
-    def __init__(self, engine: PolicyEngine) -> None:
+    def __init__(self, engine: PolicyEngine, cache_size: int = 0) -> None:
         self.engine = engine
+        reads = engine.input_reads
+        self.cache = DecisionCache(reads, cache_size) if reads is not None and cache_size > 0 else None
 
-    def decide(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Any]:
-        """The decision and the raw answer (kept for the audit record)."""
+    def decide(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Any, bool]:
+        """The decision, the raw answer (kept for the audit record), and whether it was reused
+        from an earlier input that agrees with this one on every part the policy reads."""
+        key = self.cache.key(policy_input) if self.cache is not None else None
+        if key is not None:
+            known = self.cache.get(key)  # type: ignore[union-attr]
+            if known is not None:
+                return known[0], known[1], True
         try:
             raw = self.engine.evaluate(DECISION, policy_input)
-            return parse_decision(raw), raw
+            decision = parse_decision(raw)
         except PolicyEngineError as exc:
             raise PolicyFailed(f"The policy could not be evaluated, so the call was denied: {exc}") from exc
+        if key is not None:
+            self.cache.put(key, (decision, raw))  # type: ignore[union-attr]
+        return decision, raw, False
 
     def review_response(self, policy_input: Mapping[str, Any]) -> Decision | None:
         """Stage 7: the reply's tool calls, when the policy defines ``response_decision``."""

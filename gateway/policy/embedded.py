@@ -17,6 +17,7 @@ from typing import Any
 
 import regorus
 
+from gateway.policy.cache import Path, input_reads
 from gateway.policy.source import PolicySource
 
 
@@ -46,6 +47,7 @@ class EmbeddedEngine:
         except Exception as exc:
             raise PolicyEngineError(f"policy does not compile: {_first_line(exc)}") from None
         self._rules = _rule_paths(ast)
+        self._reads = input_reads(ast)
 
     def close(self) -> None:
         """Drop the engine on its own thread (regorus refuses to be freed from another)."""
@@ -55,6 +57,11 @@ class EmbeddedEngine:
     @property
     def rule_paths(self) -> frozenset[str]:
         return frozenset(self._rules)
+
+    @property
+    def input_reads(self) -> tuple[Path, ...] | None:
+        """The input paths the policy can read, or None if its answers must not be reused."""
+        return self._reads
 
     def defines(self, entrypoint: str) -> bool:
         return entrypoint in self._rules
