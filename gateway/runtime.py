@@ -54,7 +54,7 @@ class Runtime:
     pipeline: ChatPipeline
 
     async def close(self) -> None:
-        self.tracer_provider.shutdown()  # flushes the last spans into the audit writer
+        self.tracer_provider.shutdown()  # spans are already rows in the writer; this stops the extra processors
         await self.audit.close()
         await self.http.aclose()
         await self.engine.dispose()
@@ -115,7 +115,7 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
         await engine.dispose()
         raise
     audit = AuditWriter(engine, settings.audit_flush_interval_s, settings.audit_batch_size)
-    tracer_provider = build_tracer_provider(audit, settings.audit_flush_interval_s, extra_span_processors)
+    tracer_provider = build_tracer_provider(audit, extra_span_processors)
     tracer = tracer_provider.get_tracer("lockgate")
     http = build_http_client(timeout_s=settings.upstream_timeout_s,
                              connect_timeout_s=settings.upstream_connect_timeout_s,

@@ -1,13 +1,14 @@
-"""The tracer provider, and the exporter that turns finished spans into audit rows."""
+"""The tracer provider, and the span processor that turns finished spans into audit rows."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from gateway.audit.writer import AuditWriter
 
@@ -35,24 +36,33 @@ def span_row(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
-class AuditSpanExporter(SpanExporter):
-    """Writes spans into the audit store through the AuditWriter."""
+class AuditSpanProcessor(SpanProcessor):
+    """Hands each finished span, as an audit row, to the AuditWriter.
+
+    The writer already buffers rows and writes them off the request path, so the SDK's
+    BatchSpanProcessor would only add a second queue and a worker thread that competes with the
+    event loop for the GIL. Every span is kept: the audit is no sample.
+    """
 
     def __init__(self, writer: AuditWriter) -> None:
         self._writer = writer
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self._writer.add_spans([span_row(span) for span in spans])
-        return SpanExportResult.SUCCESS
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._writer.add_span(span_row(span))
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True  # nothing is held here; the writer's own flush writes the rows
 
 
-def build_tracer_provider(writer: AuditWriter, flush_interval_s: float,
-                          extra_processors: Sequence[SpanProcessor] = ()) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": "lockgate"}))
-    provider.add_span_processor(BatchSpanProcessor(
-        AuditSpanExporter(writer), schedule_delay_millis=max(1.0, flush_interval_s * 1000),
-        max_export_batch_size=512, max_queue_size=65536,
-    ))
+def build_tracer_provider(writer: AuditWriter, extra_processors: Sequence[SpanProcessor] = ()) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": "lockgate"}), sampler=ALWAYS_ON)
+    provider.add_span_processor(AuditSpanProcessor(writer))
     for processor in extra_processors:
         provider.add_span_processor(processor)
     return provider

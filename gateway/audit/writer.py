@@ -34,7 +34,7 @@ class AuditWriter:
         self._engine = engine
         self._interval = flush_interval_s
         self._batch_size = batch_size
-        # deque.append is atomic, so the span exporter's thread may add rows without a lock.
+        # deque.append is atomic, so a span ended on another thread may add its row without a lock.
         self._pending: dict[str, deque[dict[str, Any]]] = {kind: deque() for kind in _KINDS}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -55,9 +55,8 @@ class AuditWriter:
         """Replace a reservation by the actual cost, in the flush that writes the call's record."""
         self._pending["settlement"].extend(settlement(reservation, actual_micro_usd))
 
-    def add_spans(self, rows: list[dict[str, Any]]) -> None:
-        """Called from the span processor's thread."""
-        self._pending["span"].extend(rows)
+    def add_span(self, row: dict[str, Any]) -> None:
+        self._pending["span"].append(row)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="lockgate-audit-writer")
