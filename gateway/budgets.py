@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.errors import BudgetExceeded, StoreUnavailable
 from gateway.store import BudgetLedger, DirectStatements
@@ -44,10 +44,10 @@ def period_of(window: str, now: datetime) -> str:
 RESERVE_ONE = (
     "UPDATE budget_ledger SET reserved_micro_usd = reserved_micro_usd + $1 "
     "WHERE scope = $2 AND \"window\" = $3 AND period = $4 AND spent_micro_usd + reserved_micro_usd + $1 <= $5")
-_SETTLE = text(
-    "UPDATE budget_ledger SET reserved_micro_usd = reserved_micro_usd - :reserved, "
-    "spent_micro_usd = spent_micro_usd + :actual "
-    "WHERE scope = :scope AND \"window\" = :window AND period = :period")
+# $1 reserved amount to release, $2 actual cost, $3 scope, $4 window, $5 period.
+SETTLE = (
+    "UPDATE budget_ledger SET reserved_micro_usd = reserved_micro_usd - $1, spent_micro_usd = spent_micro_usd + $2 "
+    "WHERE scope = $3 AND \"window\" = $4 AND period = $5")
 
 
 def _exceeded(budget: Budget, amount_micro_usd: int) -> BudgetExceeded:
@@ -147,21 +147,20 @@ class BudgetLedgerStore:
 
 def settlement(reservation: Reservation, actual_micro_usd: int) -> list[dict[str, Any]]:
     """The ledger changes that replace a reservation by the actual cost (0 when the call failed
-    before a reply), for ``write_settlements``."""
+    before a reply), for ``settlement_statement``."""
     return [{"scope": scope, "window": window, "period": period,
              "reserved": reservation.amount_micro_usd, "actual": actual_micro_usd}
             for scope, window, period in reservation.rows]
 
 
-async def write_settlements(connection: AsyncConnection, settlements: Sequence[dict[str, Any]]) -> None:
-    """Apply settlements inside the caller's transaction: one UPDATE per ledger row, in the same
-    row order reservations lock them, so a settling writer and reserving calls cannot deadlock."""
+def settlement_statement(settlements: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
+    """Settlements as one statement for ``DirectStatements.write_batch``, to run inside the
+    caller's transaction: one UPDATE per ledger row, in the same row order reservations lock
+    them, so a settling writer and reserving calls cannot deadlock."""
     totals: dict[tuple[str, str, str], list[int]] = {}
     for entry in settlements:
         total = totals.setdefault((entry["scope"], entry["window"], entry["period"]), [0, 0])
         total[0] += entry["reserved"]
         total[1] += entry["actual"]
-    if totals:
-        await connection.execute(_SETTLE, [
-            {"scope": scope, "window": window, "period": period, "reserved": reserved, "actual": actual}
-            for (scope, window, period), (reserved, actual) in sorted(totals.items())])
+    return SETTLE, [(reserved, actual, scope, window, period)
+                    for (scope, window, period), (reserved, actual) in sorted(totals.items())]

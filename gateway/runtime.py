@@ -99,9 +99,14 @@ async def open_store(settings: Settings) -> AsyncEngine:
 
 
 async def open_direct_statements(settings: Settings) -> DirectStatements:
+    direct = None
     try:
-        return await DirectStatements.open(settings.database_url)
+        direct = await DirectStatements.open(settings.database_url)
+        await direct.ping()  # SQLite's connection opens on first use: fail here, not on the first call
+        return direct
     except Exception as exc:
+        if direct is not None:
+            await direct.close()
         raise StartupError(f"cannot open the store at {_store_name(settings)}: "
                            f"{_without_password(settings, exc)}") from None
 
@@ -114,7 +119,7 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     except StartupError:
         await engine.dispose()
         raise
-    audit = AuditWriter(engine, settings.audit_flush_interval_s, settings.audit_batch_size)
+    audit = AuditWriter(direct, settings.audit_flush_interval_s, settings.audit_batch_size)
     tracer_provider = build_tracer_provider(audit, extra_span_processors)
     tracer = tracer_provider.get_tracer("lockgate")
     http = build_http_client(timeout_s=settings.upstream_timeout_s,
@@ -125,6 +130,8 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     try:
         router = Router(settings.models, providers, settings.secret, tracer, settings.upstream_retries)
     except ValueError as exc:
+        tracer_provider.shutdown()
+        await http.aclose()
         await engine.dispose()
         await direct.close()
         raise StartupError(str(exc)) from None

@@ -4,6 +4,7 @@ and neither an absent store nor one bad row loses the others."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,7 +12,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.audit.writer import AuditWriter
@@ -31,10 +31,16 @@ def decision_row(decision_id: str, cost: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def ledger(engine: AsyncEngine, store_url: str) -> AsyncIterator[BudgetLedgerStore]:
-    direct = await DirectStatements.open(store_url)
-    yield BudgetLedgerStore(engine, direct, 0)
-    await direct.close()
+async def direct(engine: AsyncEngine, store_url: str) -> AsyncIterator[DirectStatements]:
+    """The writer's connection to the store (after ``engine`` created the tables)."""
+    statements = await DirectStatements.open(store_url)
+    yield statements
+    await statements.close()
+
+
+@pytest.fixture
+def ledger(engine: AsyncEngine, direct: DirectStatements) -> BudgetLedgerStore:
+    return BudgetLedgerStore(engine, direct, 0)
 
 
 async def state(engine: AsyncEngine) -> tuple[list[str], tuple[int, int]]:
@@ -46,8 +52,8 @@ async def state(engine: AsyncEngine) -> tuple[list[str], tuple[int, int]]:
 
 
 async def test_a_decision_record_and_its_settlement_are_written_together(
-        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
-    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1000)
+        engine: AsyncEngine, direct: DirectStatements, ledger: BudgetLedgerStore) -> None:
+    writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000)
     reservation = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
 
     writer.add_settlement(reservation, 120)
@@ -63,12 +69,13 @@ async def test_a_decision_record_and_its_settlement_are_written_together(
 async def test_while_the_store_is_away_nothing_is_written_and_everything_is_kept(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/not-yet/lockgate.db"  # its folder does not exist: the store cannot open
     engine = create_store_engine(url)
-    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1000)
+    direct = await DirectStatements.open(url)
+    writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000)
     reservation = Reservation(rows=(("team:a", "month", "2026-11"),), amount_micro_usd=900)
     writer.add_decision(decision_row("dec_1", 120))
     writer.add_settlement(reservation, 120)
     try:
-        with pytest.raises(OperationalError):
+        with pytest.raises(sqlite3.OperationalError):
             await writer.flush()
         assert writer.pending == 2
 
@@ -82,11 +89,13 @@ async def test_while_the_store_is_away_nothing_is_written_and_everything_is_kept
         assert await state(engine) == (["dec_1"], (120, 0))
         assert writer.pending == 0
     finally:
+        await direct.close()
         await engine.dispose()
 
 
-async def test_a_row_the_store_refuses_is_dropped_alone(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
-    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1000)
+async def test_a_row_the_store_refuses_is_dropped_alone(engine: AsyncEngine, direct: DirectStatements,
+                                                        ledger: BudgetLedgerStore) -> None:
+    writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000)
     first = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
     second = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
     async with engine.begin() as connection:  # a row in the way: one insert of the batch will conflict
@@ -102,10 +111,11 @@ async def test_a_row_the_store_refuses_is_dropped_alone(engine: AsyncEngine, led
     assert writer.pending == 0
 
 
-async def test_a_nul_in_a_text_field_is_replaced_so_the_row_can_be_stored(engine: AsyncEngine) -> None:
+async def test_a_nul_in_a_text_field_is_replaced_so_the_row_can_be_stored(engine: AsyncEngine,
+                                                                           direct: DirectStatements) -> None:
     # A provider's error message may echo what the client sent, NUL included; PostgreSQL's text
     # columns refuse NUL, and a row that cannot be stored would hold back every later one.
-    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1000)
+    writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000)
     writer.add_decision({**decision_row("dec_1", 0), "error_message": "rejected: 'a\x00b'"})
 
     await writer.flush()
@@ -116,8 +126,8 @@ async def test_a_nul_in_a_text_field_is_replaced_so_the_row_can_be_stored(engine
 
 
 async def test_close_lets_the_running_flush_finish_and_writes_what_came_after(
-        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
-    writer = AuditWriter(engine, flush_interval_s=3600, batch_size=1)  # one decision wakes the writer
+        engine: AsyncEngine, direct: DirectStatements, ledger: BudgetLedgerStore) -> None:
+    writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1)  # one decision wakes the writer
     writer.start()
     held = [await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW) for _ in range(2)]
     writer.add_settlement(held[0], 100)

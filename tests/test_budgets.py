@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.budgets import BudgetLedgerStore, Reservation, period_of, settlement, write_settlements
+from gateway.budgets import BudgetLedgerStore, Reservation, period_of, settlement, settlement_statement
 from gateway.describe import describe_chat
 from gateway.errors import BudgetExceeded, StoreUnavailable
 from gateway.settings import DEFAULT_MODELS
@@ -45,10 +45,9 @@ def ledger(engine: AsyncEngine, direct: DirectStatements) -> BudgetLedgerStore:
     return BudgetLedgerStore(engine, direct, 0)
 
 
-async def settle(engine: AsyncEngine, reservation: Reservation, actual_micro_usd: int) -> None:
+async def settle(direct: DirectStatements, reservation: Reservation, actual_micro_usd: int) -> None:
     """What the audit writer does with a call's settlement, alone in a transaction."""
-    async with engine.begin() as connection:
-        await write_settlements(connection, settlement(reservation, actual_micro_usd))
+    await direct.write_batch([settlement_statement(settlement(reservation, actual_micro_usd))])
 
 
 async def ledger_rows(engine: AsyncEngine) -> dict[Row, tuple[int, int]]:
@@ -118,10 +117,11 @@ async def test_when_a_later_budget_refuses_the_earlier_reservations_are_rolled_b
     }
 
 
-async def test_no_budgets_reserves_nothing(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+async def test_no_budgets_reserves_nothing(engine: AsyncEngine, direct: DirectStatements,
+        ledger: BudgetLedgerStore) -> None:
 
     reservation = await ledger.reserve([], 10**9, NOW)
-    await settle(engine, reservation, 10**9)
+    await settle(direct, reservation, 10**9)
 
     assert reservation.rows == ()
     assert await ledger_rows(engine) == {}
@@ -131,15 +131,15 @@ async def test_no_budgets_reserves_nothing(engine: AsyncEngine, ledger: BudgetLe
 
 
 async def test_settle_replaces_the_reservation_by_the_actual_cost(
-        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+        engine: AsyncEngine, direct: DirectStatements, ledger: BudgetLedgerStore) -> None:
     budgets = [month("team:a", 1000), Budget("org:c", "total", 5000)]
     held = await ledger.reserve(budgets, 700, NOW)
     other = await ledger.reserve(budgets, 300, NOW)
 
-    await settle(engine, held, 120)
+    await settle(direct, held, 120)
 
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (120, 300), ("org:c", "total", "all"): (120, 300)}
-    await settle(engine, other, 0)  # a call that failed before any reply costs nothing
+    await settle(direct, other, 0)  # a call that failed before any reply costs nothing
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (120, 0), ("org:c", "total", "all"): (120, 0)}
     # What was released is available again, and the settled spend counts against the limit.
     await ledger.reserve(budgets, 880, NOW)
@@ -147,13 +147,14 @@ async def test_settle_replaces_the_reservation_by_the_actual_cost(
         await ledger.reserve(budgets, 1, NOW)
 
 
-async def test_settlements_of_one_row_in_one_batch_add_up(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+async def test_settlements_of_one_row_in_one_batch_add_up(engine: AsyncEngine, direct: DirectStatements,
+        ledger: BudgetLedgerStore) -> None:
     budgets = [month("team:a", 10_000)]
     held = [await ledger.reserve(budgets, 1000, NOW) for _ in range(3)]
 
-    async with engine.begin() as connection:  # one flush of the audit writer settles all three
-        await write_settlements(connection, [s for r, cost in zip(held, (100, 0, 250), strict=True)
-                                             for s in settlement(r, cost)])
+    # One flush of the audit writer settles all three.
+    await direct.write_batch([settlement_statement([s for r, cost in zip(held, (100, 0, 250), strict=True)
+                                                    for s in settlement(r, cost)])])
 
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (350, 0)}
 
@@ -178,18 +179,19 @@ def test_period_of_each_window(window: str, period: str) -> None:
     assert period_of(window, NOW) == period
 
 
-async def test_each_window_charges_its_own_period_row(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+async def test_each_window_charges_its_own_period_row(engine: AsyncEngine, direct: DirectStatements,
+        ledger: BudgetLedgerStore) -> None:
     budgets = [Budget("team:a", "day", 1000), Budget("team:a", "month", 1500), Budget("team:a", "total", 10_000)]
-    await settle(engine, await ledger.reserve(budgets, 1000, NOW), 1000)
+    await settle(direct, await ledger.reserve(budgets, 1000, NOW), 1000)
 
     # The day is spent; the next day has a fresh day row, while month and total carry on.
     with pytest.raises(BudgetExceeded):
         await ledger.reserve(budgets, 1, NOW)
     tomorrow = NOW + timedelta(days=1)
-    await settle(engine, await ledger.reserve(budgets, 500, tomorrow), 500)
+    await settle(direct, await ledger.reserve(budgets, 500, tomorrow), 500)
     # A new month opens fresh day and month rows; total still remembers everything.
     next_month = datetime(2026, 12, 1, tzinfo=UTC)
-    await settle(engine, await ledger.reserve(budgets, 1000, next_month), 1000)
+    await settle(direct, await ledger.reserve(budgets, 1000, next_month), 1000)
 
     assert await ledger_rows(engine) == {
         ("team:a", "day", "2026-11-25"): (1000, 0),
@@ -205,11 +207,11 @@ async def test_each_window_charges_its_own_period_row(engine: AsyncEngine, ledge
 
 
 async def test_spend_reports_settled_spend_of_the_current_periods_only(
-        engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
+        engine: AsyncEngine, direct: DirectStatements, ledger: BudgetLedgerStore) -> None:
     budgets = [Budget("team:a", "day", 10_000), month("team:a", 10_000), Budget("org:c", "total", 10_000)]
-    await settle(engine, await ledger.reserve(budgets, 900, NOW), 250)
+    await settle(direct, await ledger.reserve(budgets, 900, NOW), 250)
     await ledger.reserve(budgets, 400, NOW)  # reserved, not spent: not reported
-    await settle(engine, await ledger.reserve([month("team:a", 10_000)], 10, NOW - timedelta(days=31)), 10)
+    await settle(direct, await ledger.reserve([month("team:a", 10_000)], 10, NOW - timedelta(days=31)), 10)
 
     spend = await ledger.spend(["team:a", "org:c", "team:unknown"], NOW)
 
@@ -221,10 +223,10 @@ async def test_spend_is_cached_for_its_ttl(engine: AsyncEngine, direct: DirectSt
     cached = BudgetLedgerStore(engine, direct, 3600)
     fresh = BudgetLedgerStore(engine, direct, 0)
     budgets = [month("team:a", 10_000)]
-    await settle(engine, await fresh.reserve(budgets, 100, NOW), 100)
+    await settle(direct, await fresh.reserve(budgets, 100, NOW), 100)
     assert await cached.spend(["team:a"], NOW) == {"team:a": {"month": 100}}
 
-    await settle(engine, await fresh.reserve(budgets, 100, NOW), 100)
+    await settle(direct, await fresh.reserve(budgets, 100, NOW), 100)
 
     assert await cached.spend(["team:a"], NOW) == {"team:a": {"month": 100}}  # within its TTL: the cached value
     assert await fresh.spend(["team:a"], NOW) == {"team:a": {"month": 200}}  # TTL 0: read every time
@@ -269,7 +271,7 @@ async def test_two_replicas_sharing_the_store_never_overspend(store_url: str) ->
             ("team:a", "month", MONTH): (0, 12_000), ("org:c", "month", MONTH): (0, 12_000)}
         # Settling everything from both replicas at once leaves no reservation behind.
         rows = (("team:a", "month", MONTH), ("org:c", "month", MONTH))
-        await asyncio.gather(*(settle(engines[i % 2], Reservation(rows=rows, amount_micro_usd=1000), 300)
+        await asyncio.gather(*(settle(directs[i % 2], Reservation(rows=rows, amount_micro_usd=1000), 300)
                                for i in range(12)))
         assert await ledger_rows(engines[1]) == {
             ("team:a", "month", MONTH): (3600, 0), ("org:c", "month", MONTH): (3600, 0)}

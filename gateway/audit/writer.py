@@ -17,21 +17,19 @@ import logging
 from collections import deque
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from gateway.budgets import Reservation, settlement, write_settlements
-from gateway.store import DecisionRecord, SpanRecord
+from gateway.budgets import Reservation, settlement, settlement_statement
+from gateway.store import DecisionRecord, DirectStatements, SpanRecord
 
 log = logging.getLogger("lockgate.audit")
 
 _TABLES = {"decision": DecisionRecord.__table__, "span": SpanRecord.__table__}  # type: ignore[attr-defined]
 _KINDS = (*_TABLES, "settlement")
+_SLICE = 128  # rows turned into statement parameters between two turns of the event loop
 
 
 class AuditWriter:
-    def __init__(self, engine: AsyncEngine, flush_interval_s: float, batch_size: int) -> None:
-        self._engine = engine
+    def __init__(self, direct: DirectStatements, flush_interval_s: float, batch_size: int) -> None:
+        self._direct = direct
         self._interval = flush_interval_s
         self._batch_size = batch_size
         # deque.append is atomic, so a span ended on another thread may add its row without a lock.
@@ -100,11 +98,16 @@ class AuditWriter:
                     self._keep(batches)
 
     async def _write(self, batches: dict[str, list[dict[str, Any]]]) -> None:
-        async with self._engine.begin() as connection:
-            for kind, table in _TABLES.items():
-                if batches.get(kind):
-                    await connection.execute(table.insert(), batches[kind])
-            await write_settlements(connection, batches.get("settlement", ()))
+        """One transaction; the settlements last, so PostgreSQL holds their ledger rows' locks
+        (which reserving calls wait for) only for the end of it."""
+        statements = []
+        for kind, table in _TABLES.items():
+            rows = batches.get(kind)
+            for start in range(0, len(rows or ()), _SLICE):
+                statements.append(self._direct.insert(table, rows[start:start + _SLICE]))  # type: ignore[index]
+                await asyncio.sleep(0)  # let calls run between slices of this work on the event loop
+        statements.append(settlement_statement(batches.get("settlement", ())))
+        await self._direct.write_batch(statements)
 
     async def _write_one_at_a_time(self, batches: dict[str, list[dict[str, Any]]]) -> None:
         """Each row alone; drop those the store refuses while it answers; keep the rest if it stops."""
@@ -128,8 +131,7 @@ class AuditWriter:
 
     async def _store_answers(self) -> bool:
         try:
-            async with self._engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
+            await self._direct.ping()
         except Exception:
             return False
         return True
