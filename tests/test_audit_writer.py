@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.audit.writer import AuditWriter
+from gateway.audit.writer import CALLS_PER_TRANSACTION, AuditWriter
 from gateway.budgets import BudgetLedgerStore, Reservation
 from gateway.store import BudgetLedger, DecisionRecord, DirectStatements, create_store_engine, create_tables
 from gateway.types import Budget
@@ -144,4 +144,28 @@ async def test_close_lets_the_running_flush_finish_and_writes_what_came_after(
     # rows already written, and the last flush would have applied their settlements again.
     assert writer._task is not None and not writer._task.cancelled()
     assert await state(engine) == (["dec_1", "dec_2"], (150, 0))  # each settlement applied exactly once
+    assert writer.pending == 0
+
+
+async def test_a_long_flush_is_written_in_transactions_of_whole_calls(
+        engine: AsyncEngine, direct: DirectStatements, ledger: BudgetLedgerStore,
+        caplog: pytest.LogCaptureFixture) -> None:
+    writer = AuditWriter(direct, flush_interval_s=3600, batch_size=10**6)
+    calls = 2 * CALLS_PER_TRANSACTION + 10  # three transactions: 64, 64 and 10 calls
+    held = [await ledger.reserve([Budget("team:a", "month", 10**9)], 100, NOW) for _ in range(calls)]
+    in_the_way = f"dec_{CALLS_PER_TRANSACTION + 5:03d}"  # a conflict in the second transaction only
+    async with engine.begin() as connection:
+        await connection.execute(_decisions.insert(), [decision_row(in_the_way, 0)])
+    for index, reservation in enumerate(held):
+        writer.add_settlement(reservation, 10)
+        writer.add_decision(decision_row(f"dec_{index:03d}", 10))
+
+    await writer.flush()
+
+    ids, (spent, reserved) = await state(engine)
+    assert len(ids) == calls and (spent, reserved) == (10 * calls, 0)  # every settlement exactly once
+    refused = [r.getMessage() for r in caplog.records if "refused a batch" in r.getMessage()]
+    # Only the second transaction was refused and written row by row: 64 settlements, 64 records.
+    assert refused == [f"the store refused a batch of {2 * CALLS_PER_TRANSACTION} audit rows; "
+                       "writing them one at a time"]
     assert writer.pending == 0
