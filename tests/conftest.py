@@ -29,9 +29,10 @@ from starlette.testclient import TestClient
 from gateway.app import create_app
 from gateway.audit.reader import list_decisions, read_trace
 from gateway.auth import KeyStore
+from gateway.budgets import BudgetLedgerStore
 from gateway.runtime import Runtime
 from gateway.settings import Settings
-from gateway.store import create_store_engine, create_tables
+from gateway.store import DirectStatements, create_store_engine, create_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("LG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -99,6 +100,19 @@ async def engine(store_url: str) -> AsyncIterator[AsyncEngine]:
     await create_tables(engine)
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture
+async def direct(engine: AsyncEngine, store_url: str) -> AsyncIterator[DirectStatements]:
+    """The driver-level connection of the hot path and the audit writer (after ``engine`` made the tables)."""
+    statements = await DirectStatements.open(store_url)
+    yield statements
+    await statements.close()
+
+
+@pytest.fixture
+def ledger(engine: AsyncEngine, direct: DirectStatements) -> BudgetLedgerStore:
+    return BudgetLedgerStore(engine, direct, 0)
 
 
 async def _create_key(url: str, team: str, user: str, org: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,19 +27,6 @@ def decision_row(decision_id: str, cost: int) -> dict[str, Any]:
     return {"id": decision_id, "trace_id": "t" * 32, "created_at": NOW, "outcome": "allowed", "status_code": 200,
             "endpoint": "chat.completions", "stream": False, "reasons": [], "input_tokens": 1, "output_tokens": 1,
             "cost_micro_usd": cost, "duration_ms": 1.0}
-
-
-@pytest.fixture
-async def direct(engine: AsyncEngine, store_url: str) -> AsyncIterator[DirectStatements]:
-    """The writer's connection to the store (after ``engine`` created the tables)."""
-    statements = await DirectStatements.open(store_url)
-    yield statements
-    await statements.close()
-
-
-@pytest.fixture
-def ledger(engine: AsyncEngine, direct: DirectStatements) -> BudgetLedgerStore:
-    return BudgetLedgerStore(engine, direct, 0)
 
 
 async def state(engine: AsyncEngine) -> tuple[list[str], tuple[int, int]]:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,6 @@ MONTH = "2026-11"
 
 Row = tuple[str, str, str]
 
-
-
-@pytest.fixture
-async def direct(engine: AsyncEngine, store_url: str) -> AsyncIterator[DirectStatements]:
-    """The hot path's own connection to the store (after ``engine`` created the tables)."""
-    statements = await DirectStatements.open(store_url)
-    yield statements
-    await statements.close()
-
-
-@pytest.fixture
-def ledger(engine: AsyncEngine, direct: DirectStatements) -> BudgetLedgerStore:
-    return BudgetLedgerStore(engine, direct, 0)
 
 
 async def settle(direct: DirectStatements, reservation: Reservation, actual_micro_usd: int) -> None:
