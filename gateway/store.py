@@ -26,8 +26,6 @@ from sqlmodel import Field, SQLModel
 _T = TypeVar("_T")
 log = logging.getLogger("lockgate.store")
 CHECKPOINT_EVERY_S = 1.0
-# Parameters one SQLite statement may bind: 32,766 since SQLite 3.32 (999 before); kept well under.
-_SQLITE_MAX_PARAMETERS = 8000 if sqlite3.sqlite_version_info >= (3, 32) else 999
 
 
 class ApiKey(SQLModel, table=True):
@@ -188,7 +186,6 @@ class DirectStatements:
         self._qmark = isinstance(backend, _SQLiteThread)
         self._sql: dict[str, str] = {}
         self._inserts: dict[str, tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
-        self._widths: dict[str, int] = {}  # columns of each INSERT made by ``insert``
 
     @classmethod
     async def open(cls, url: str, max_connections: int = 10) -> DirectStatements:
@@ -227,7 +224,6 @@ class DirectStatements:
         columns = list(table.columns)
         names = ", ".join(f'"{c.name}"' for c in columns)
         sql = f"INSERT INTO {table.name} ({names}) VALUES ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})"
-        self._widths[sql] = len(columns)
         convert: list[Callable[[Any], Any] | None] = []
         for column in columns:
             if isinstance(column.type, JSON):
@@ -246,27 +242,7 @@ class DirectStatements:
 
     async def write_batch(self, statements: Sequence[tuple[str, Sequence[tuple[Any, ...]]]]) -> None:
         """Run each (statement, rows) as an executemany, all in one transaction: all or nothing."""
-        if self._qmark:
-            await self._backend.write_batch([job for sql, rows in statements if rows
-                                             for job in self._sqlite_jobs(sql, rows)])
-        else:
-            await self._backend.write_batch([(sql, rows) for sql, rows in statements if rows])
-
-    def _sqlite_jobs(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
-        """An INSERT from ``insert`` becomes INSERTs of many rows each: sqlite3 lets go of the GIL
-        around every statement it steps, and winning it back once per row, against a busy event
-        loop, made a batch of 2,000 rows take ~30 ms instead of ~5."""
-        width = self._widths.get(sql)
-        if width is None:
-            return [(self._native(sql), rows)]
-        per_statement = max(1, _SQLITE_MAX_PARAMETERS // width)
-        head = sql[:sql.index(" VALUES ") + len(" VALUES ")]
-        one = "(" + ", ".join("?" * width) + ")"
-        jobs: list[tuple[str, Sequence[tuple[Any, ...]]]] = []
-        for start in range(0, len(rows), per_statement):
-            chunk = rows[start:start + per_statement]
-            jobs.append((head + ", ".join([one] * len(chunk)), [tuple(v for row in chunk for v in row)]))
-        return jobs
+        await self._backend.write_batch([(self._native(sql), rows) for sql, rows in statements if rows])
 
     async def ping(self) -> None:
         """Raise if the store does not answer."""
