@@ -292,12 +292,15 @@ class _SQLiteThread:
     def _work(self) -> None:
         while (item := self._jobs.get()) is not None:
             future, job, args = item
+            result, error = None, None
             try:
                 result = job(*args)
             except BaseException as exc:
-                future.get_loop().call_soon_threadsafe(_settle_future, future, None, exc)
-            else:
-                future.get_loop().call_soon_threadsafe(_settle_future, future, result, None)
+                error = exc
+            try:
+                future.get_loop().call_soon_threadsafe(_settle_future, future, result, error)
+            except RuntimeError:  # the event loop is closed: nobody waits any more, keep serving the queue
+                pass
 
     async def _run(self, job: Callable[..., _T], *args: Any) -> _T:
         if self._closed:
