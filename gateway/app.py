@@ -67,7 +67,7 @@ async def readyz(request: Request) -> Response:
     try:
         async with runtime.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
-        await runtime.direct.rowcount("SELECT 1")
+        await runtime.direct.ping()
     except Exception:
         log.exception("readiness check: the store does not answer")
         return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)

@@ -280,7 +280,7 @@ class _SQLiteThread:
         try:
             while not self._stop_checkpoints.wait(CHECKPOINT_EVERY_S):
                 try:
-                    db = db or sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=False)
+                    db = db or _sqlite_connect(self._path)
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
                     log.warning("checkpointing the SQLite WAL failed; trying again in %s s", CHECKPOINT_EVERY_S,
@@ -311,7 +311,7 @@ class _SQLiteThread:
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=False)
+            db = _sqlite_connect(self._path)
             try:
                 for pragma in SQLITE_PRAGMAS:
                     db.execute(pragma)
@@ -378,6 +378,11 @@ class _PostgresPool:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+def _sqlite_connect(path: str) -> sqlite3.Connection:
+    """Autocommit (we write BEGIN and COMMIT ourselves), usable from the thread that opened it."""
+    return sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
 
 
 def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

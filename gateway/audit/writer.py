@@ -4,11 +4,11 @@ Requests never wait on these writes. Rows are written every ``audit_flush_interv
 soon as ``audit_batch_size`` decision records are waiting, and always on shutdown, in
 transactions of up to ``CALLS_PER_TRANSACTION`` calls: a call's decision record and the
 settlement of its budget reservation land together or not at all, so the audit's cost and the
-ledger's spend always agree. While the store does not answer,
-a failed write keeps its rows and tries again on the next flush. When the store answers but
-refuses the batch, one of its rows is bad (a value the store cannot hold): the rows are then
-written one at a time and only the ones the store refuses are dropped, with an error in the
-log, so one bad row never holds back every later record and settlement.
+ledger's spend always agree. While the store does not answer, a failed write keeps its rows
+and tries again on the next flush. When the store answers but refuses a transaction, one of its
+rows is bad (a value the store cannot hold): that transaction's rows are then written one at a
+time and only the ones the store refuses are dropped, with an error in the log, so one bad row
+never holds back every later record and settlement.
 """
 
 from __future__ import annotations
