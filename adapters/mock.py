@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from adapters.sse import DONE, sse_event
-from gateway.types import Completion, StreamSummary, UpstreamCall, Usage
+from gateway.sse import DONE, sse_event
+from gateway.types import UpstreamCall, UpstreamReply, Usage
 
 
 def _text(content: Any) -> str:
@@ -44,7 +44,7 @@ class _Reply:
     def __init__(self, call: UpstreamCall) -> None:
         body = call.body
         messages = [m for m in body.get("messages") or [] if isinstance(m, Mapping)]
-        self.model = call.model.upstream_model
+        self.model = call.deployment.upstream_model
         self.id = "chatcmpl-mock-" + hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:24]
         self.created = int(time.time())
         tools = [t for t in body.get("tools") or [] if isinstance(t, Mapping)]
@@ -80,11 +80,12 @@ class _Reply:
 
 class MockProvider:
     name = "mock"
+    endpoints = frozenset({"chat.completions"})
 
     def __init__(self, stream_delay_s: float = 0.0) -> None:
         self._delay = stream_delay_s
 
-    async def complete(self, call: UpstreamCall) -> Completion:
+    async def complete(self, call: UpstreamCall) -> UpstreamReply:
         reply = _Reply(call)
         message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
         if reply.tool_call:
@@ -94,25 +95,19 @@ class MockProvider:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish_reason}],
             "usage": reply.usage_json(),
         }
-        return Completion(body=orjson.dumps(body), usage=reply.usage, response_model=reply.model,
-                          finish_reasons=(reply.finish_reason,),
-                          tool_calls=(reply.tool_call["function"]["name"],) if reply.tool_call else ())
+        return UpstreamReply(status=200, body=orjson.dumps(body))
 
-    async def stream(self, call: UpstreamCall, summary: StreamSummary) -> AsyncIterator[bytes]:
+    async def stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
         reply = _Reply(call)
-        summary.response_model = reply.model
         yield sse_event(reply.chunk({"role": "assistant", "content": "" if reply.content is not None else None}))
         if reply.tool_call:
-            summary.tool_calls.append(reply.tool_call["function"]["name"])
             yield sse_event(reply.chunk({"tool_calls": [{"index": 0, **reply.tool_call}]}))
         for index, word in enumerate(reply.words):
             if self._delay:
                 await asyncio.sleep(self._delay)
             yield sse_event(reply.chunk({"content": word if index == 0 else " " + word}))
-        summary.finish_reasons.append(reply.finish_reason)
         yield sse_event(reply.chunk({}, reply.finish_reason))
-        summary.usage = reply.usage
-        if call.include_usage:
-            yield sse_event({"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
-                             "model": reply.model, "choices": [], "usage": reply.usage_json()})
+        # Like the openai adapter, always report usage; the chat spec drops it if the client did not ask.
+        yield sse_event({"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
+                         "model": reply.model, "choices": [], "usage": reply.usage_json()})
         yield DONE

@@ -17,7 +17,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.auth import bearer_token
+from gateway.endpoints import EndpointSpec
+from gateway.endpoints.chat import ChatCompletions
+from gateway.endpoints.checks import RequestLimits
 from gateway.errors import GatewayError, MethodNotAllowed, RouteNotFound, error_response
+from gateway.pipeline import GovernedEndpoint
 from gateway.policy import DECISION, build_input
 from gateway.policy.embedded import PolicyEngineError
 from gateway.runtime import Runtime, build_runtime
@@ -30,10 +34,6 @@ log = logging.getLogger("lockgate.app")
 
 def _runtime(request: Request) -> Runtime:
     return request.state.runtime  # type: ignore[no-any-return]
-
-
-async def chat_completions(request: Request) -> Response:
-    return await _runtime(request).pipeline.handle(request)
 
 
 async def list_models(request: Request) -> Response:
@@ -93,6 +93,16 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return error_response(GatewayError())
 
 
+def endpoint_specs(settings: Settings) -> tuple[EndpointSpec, ...]:
+    """One spec per governed model endpoint (see gateway/endpoints/)."""
+    limits = RequestLimits(max_depth=settings.max_request_depth, max_choices=settings.max_choices,
+                           max_output_tokens=settings.max_output_tokens,
+                           default_output_tokens=settings.default_output_tokens)
+    return (
+        ChatCompletions(limits),
+    )
+
+
 def create_app(settings: Settings, extra_span_processors: Sequence[SpanProcessor] = ()) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -108,9 +118,12 @@ def create_app(settings: Settings, extra_span_processors: Sequence[SpanProcessor
         finally:
             await runtime.close()
 
+    # Every model endpoint is the one pipeline with its endpoint spec; any method reaches it, so a
+    # wrong one is answered in that API's error shape and recorded.
+    governed = [Route(spec.path, GovernedEndpoint(spec)) for spec in endpoint_specs(settings)]
     return Starlette(
         routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            *governed,
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),

@@ -41,10 +41,17 @@ class GatewayError(Exception):
     retryable: ClassVar[bool] = True
     default_message: ClassVar[str] = "The gateway failed to handle this request."
 
-    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+    def __init__(self, message: str | None = None, *, param: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         self.message = message or self.default_message
         self.param = param
+        self.retry_after_s = retry_after_s  # passed on as Retry-After (a provider's, or ours)
+        self.gateway_retried = False  # the gateway already retried it: the SDK must not multiply that
         super().__init__(self.message)
+
+    @property
+    def should_retry(self) -> bool:
+        return self.retryable and not self.gateway_retried
 
 
 class InvalidRequest(GatewayError):
@@ -168,22 +175,49 @@ class UpstreamUnavailable(UpstreamError):
     default_message = "The model provider could not be reached."
 
 
-# Errors that no retry can fix: tell the official SDKs not to retry them (they honour this header).
-_NO_RETRY = {"x-should-retry": "false"}
+# Anthropic's error types, by status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 499: "api_error", 500: "api_error", 502: "api_error",
+                    503: "overloaded_error", 504: "api_error", 529: "overloaded_error"}
 
 
 def error_body(exc: GatewayError) -> bytes:
+    """OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return orjson.dumps(
         {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
     )
 
 
-def error_response(exc: GatewayError) -> Response:
-    """The one place an error becomes an HTTP response."""
-    headers = {} if exc.retryable else _NO_RETRY
-    return Response(error_body(exc), status_code=exc.status, headers=headers, media_type="application/json")
+def anthropic_error_body(exc: GatewayError) -> bytes:
+    """Anthropic's shape: ``{"type": "error", "error": {"type", "message"}}``."""
+    return orjson.dumps({"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(exc.status, "api_error"),
+                                                    "message": exc.message}})
+
+
+def error_headers(exc: GatewayError) -> dict[str, str]:
+    """``x-should-retry`` (which the official SDKs honour) and ``Retry-After``: a retry the SDK
+    makes on its own must be one that can help, and one the gateway has not already made."""
+    if not exc.should_retry:
+        return {"x-should-retry": "false"}
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["retry-after"] = str(max(0, round(exc.retry_after_s)))
+        headers["retry-after-ms"] = str(max(0, round(exc.retry_after_s * 1000)))
+    return headers
+
+
+def error_response(exc: GatewayError, body: bytes | None = None) -> Response:
+    """The one place an error becomes an HTTP response (OpenAI's shape unless ``body`` is given)."""
+    return Response(error_body(exc) if body is None else body, status_code=exc.status,
+                    headers=error_headers(exc), media_type="application/json")
 
 
 def sse_error_event(exc: GatewayError) -> bytes:
-    """An error that happens after a stream has started is sent as a final SSE event."""
+    """An error after an OpenAI stream has started: a final event the SDKs raise as an APIError."""
     return b"data: " + error_body(exc) + b"\n\n"
+
+
+def anthropic_sse_error_event(exc: GatewayError) -> bytes:
+    """An error after an Anthropic stream has started: the named ``error`` event."""
+    return b"event: error\ndata: " + anthropic_error_body(exc) + b"\n\n"

@@ -1,8 +1,13 @@
-"""The request path: one call through every stage, in the order of ARCHITECTURE.md.
+"""The request path: one call through every stage, in the order of docs/architecture.md.
 
-``ChatPipeline.handle`` reads top to bottom like the stage list: authenticate, describe,
-decide, hold, reserve, route and call, inspect, settle, record. Whatever happens, exactly one
-decision record is written and the budget reservation is settled or released.
+``Pipeline.handle`` serves every model endpoint; what differs per API lives in its
+``EndpointSpec`` (``gateway/endpoints/``). ``_run`` reads top to bottom like the stage list:
+authenticate, describe, decide, hold, reserve, route and call, inspect, settle, record.
+
+Every call leaves through ``_end``, whatever happens (answered, streamed, cut off, refused,
+cancelled): it settles the reservation and writes exactly one decision record, and a second
+call of it does nothing. The response ``handle`` returns calls ``_end`` once it has been sent,
+should nothing else have, so a served call without a record cannot happen.
 """
 
 from __future__ import annotations
@@ -20,55 +25,70 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gateway.approvals import APPROVAL_HEADER, ApprovalQueue
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore, bearer_token
 from gateway.budgets import BudgetLedgerStore, Reservation
-from gateway.describe import describe_chat, parse_json_body
+from gateway.endpoints import EndpointSpec, StreamReader
+from gateway.endpoints.checks import parse_json_body
 from gateway.errors import (
     AuthenticationFailed,
     BudgetExceeded,
     ClientClosed,
     GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
     PermissionDenied,
     PolicyDenied,
     RequestTooLarge,
-    error_response,
-    sse_error_event,
+    UpstreamUnavailable,
 )
 from gateway.policy import DECISION, PolicyStage, build_input
 from gateway.routing import Router, RouteResult
 from gateway.sse import SSEResponse
 from gateway.store import rfc3339, utcnow
-from gateway.types import CallFacts, CatalogModel, Completion, Decision, Principal, StreamSummary, Usage
+from gateway.types import CallFacts, CatalogModel, Decision, Principal, ReplyFacts, Usage
 
 log = logging.getLogger("lockgate.pipeline")
 
+MAX_MICRO_USD = 2**63 - 1  # what the ledger's BIGINT columns hold
+
 
 @dataclass
-class CallRecord:
-    """What the audit needs to know about one call, filled in stage by stage."""
+class Call:
+    """One call as it passes the stages, and what the audit needs to know about it."""
 
+    spec: EndpointSpec
     decision_id: str
     started: float
     now: datetime
+    root: Span
     principal: Principal | None = None
     facts: CallFacts | None = None
-    stream: bool = False
     policy_input: dict[str, Any] | None = None
     raw_decision: Any = None
     reasons: tuple[str, ...] = ()
     route: RouteResult | None = None
+    reply: ReplyFacts | None = None
     usage: Usage = field(default_factory=Usage)
     cost_micro_usd: int = 0
     reservation: Reservation | None = None
+    ended: bool = False
+
+    @property
+    def trace_id(self) -> str:
+        return format(self.root.get_span_context().trace_id, "032x")
+
+    def headers(self) -> dict[str, str]:
+        return {"lockgate-decision-id": self.decision_id, "lockgate-trace-id": self.trace_id}
 
 
-class ChatPipeline:
+class Pipeline:
     def __init__(self, *, keys: KeyStore, policy: PolicyStage, approvals: ApprovalQueue,
                  ledger: BudgetLedgerStore, router: Router, audit: AuditWriter, tracer: Tracer,
-                 max_request_bytes: int) -> None:
+                 max_request_bytes: int, max_request_depth: int) -> None:
         self.keys = keys
         self.policy = policy
         self.approvals = approvals
@@ -77,60 +97,67 @@ class ChatPipeline:
         self.audit = audit
         self.tracer = tracer
         self.max_request_bytes = max_request_bytes
+        self.max_request_depth = max_request_depth
 
-    async def handle(self, request: Request) -> Response:
+    async def handle(self, request: Request, spec: EndpointSpec) -> GovernedResponse:
         # A decision id names a record; it is no secret, so the cheap generator OpenTelemetry
         # uses for span ids will do (an os.urandom call per request showed in the profile).
-        record = CallRecord(decision_id=f"dec_{random.getrandbits(64):016x}", started=time.perf_counter(),
-                            now=utcnow())
-        root = self.tracer.start_span("chat", kind=SpanKind.SERVER, attributes={
-            "gen_ai.operation.name": "chat", "lockgate.decision_id": record.decision_id})
+        decision_id = f"dec_{random.getrandbits(64):016x}"
+        root = self.tracer.start_span(spec.operation, kind=SpanKind.SERVER, attributes={
+            "gen_ai.operation.name": spec.operation, "lockgate.decision_id": decision_id,
+            "lockgate.endpoint": spec.name})
+        call = Call(spec=spec, decision_id=decision_id, started=time.perf_counter(), now=utcnow(), root=root)
+        response: Response | SSEResponse
         try:
             with trace.use_span(root, end_on_exit=False):
-                response = await self._run(request, record, root)
+                response = await self._run(request, call)
         except GatewayError as exc:
-            return self._refuse(record, root, exc)
+            response = self._refuse(call, exc)
         except asyncio.CancelledError:
             # The server is stopping or the caller is gone: still release the reservation and
             # write the record (both only queue for the audit writer, so nothing here can be cut off).
-            self._refuse(record, root, ClientClosed())
+            self._end(call, status=ClientClosed.status, error=ClientClosed())
             raise
         except Exception as exc:
-            log.exception("unexpected error in decision %s", record.decision_id)
+            log.exception("unexpected error in decision %s", call.decision_id)
             wrapped = GatewayError()
             wrapped.__cause__ = exc
-            return self._refuse(record, root, wrapped)
-        return response
+            response = self._refuse(call, wrapped)
+        return GovernedResponse(response, self, call)
 
-    async def _run(self, request: Request, record: CallRecord, root: Span) -> Response:
+    async def _run(self, request: Request, call: Call) -> Response | SSEResponse:
+        spec = call.spec
+        if request.method != "POST":
+            raise MethodNotAllowed(f"{request.method} is not allowed on {spec.path}; use POST.")
         headers = request.headers
         principal = await self.keys.authenticate(                                    # 1 authenticate
             bearer_token(headers.get("authorization"), headers.get("x-api-key")))
-        record.principal = principal
+        call.principal = principal
         raw = await self._read_body(request)
-        body = parse_json_body(raw)                                                  # 2 describe
-        facts = describe_chat(body)
-        record.facts, record.stream = facts, facts.stream
-        root.update_name(f"chat {facts.model}")
-        root.set_attribute("gen_ai.request.model", facts.model)
-        decision = await self._decide(principal, facts, record, root)               # 3 decide
-        models = self.router.candidates(decision.route_model or facts.model, decision.fallbacks)
-        record.route = RouteResult(model=models[0])
+        body = parse_json_body(raw, self.max_request_depth)                          # 2 describe
+        facts = spec.describe(body)
+        call.facts = facts
+        call.root.update_name(f"{spec.operation} {facts.model}")
+        call.root.set_attribute("gen_ai.request.model", facts.model)
+        decision = await self._decide(principal, facts, call)                        # 3 decide
+        models = self.router.candidates(spec.name, decision.route_model or facts.model, decision.fallbacks)
+        call.route = RouteResult(model=models[0])
         if decision.approval is not None:                                            # 4 hold
             await self.approvals.hold(principal, models[0].name, raw, decision.approval,
-                                      headers.get(APPROVAL_HEADER), record.now)
-        upstream_body = self._apply_limits(body, decision)
-        output_max = min(facts.output_tokens_max, decision.max_tokens or facts.output_tokens_max)
-        worst = max(m.cost_micro_usd(facts.input_tokens, output_max) for m in models)
-        record.reservation = await self.ledger.reserve(decision.budgets, worst, record.now)  # 5 reserve
+                                      headers.get(APPROVAL_HEADER), call.now)
+        upstream_body = spec.limit(body, decision.max_tokens)
+        call.reservation = await self.ledger.reserve(                                # 5 reserve
+            decision.budgets, self._worst_case(call, facts, decision, models), call.now)
         if facts.stream:
-            return await self._stream(upstream_body, models, record, root)
-        completion = await self.router.complete(models, upstream_body, root, record.route)  # 6 route + call
-        record.usage = completion.usage
-        await self._inspect(completion.tool_calls, completion.finish_reasons, record)  # 7 inspect
-        self._settle(record)                                                            # 8 settle
-        self._record(record, root, status=200, completion=completion)                   # 9 record
-        return Response(completion.body, media_type="application/json", headers=self._headers(record, root))
+            events = await self.router.stream(spec.name, models, upstream_body,       # 6 route + call
+                                              call.root, call.route, (reader := spec.stream_reader(facts)).facts)
+            return SSEResponse(self._relay(events, reader, call), headers=call.headers())
+        reply, call.reply = await self.router.complete(spec.name, models, upstream_body, call.root, call.route,
+                                                       spec.read_reply)
+        call.usage = call.reply.usage
+        await self._inspect(call.reply, call)                                        # 7 inspect
+        self._end(call, status=200)                                                  # 8 settle, 9 record
+        return Response(reply.body, media_type=reply.content_type, headers=call.headers())
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -144,14 +171,14 @@ class ChatPipeline:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _decide(self, principal: Principal, facts: CallFacts, record: CallRecord, root: Span) -> Decision:
+    async def _decide(self, principal: Principal, facts: CallFacts, call: Call) -> Decision:
         scopes = (f"key:{principal.key_id}", f"user:{principal.user}", f"team:{principal.team}", f"org:{principal.org}")
-        spend = await self.ledger.spend(scopes, record.now)
-        estimate = self._estimate(facts)
-        record.policy_input = build_input(principal, facts, estimate, spend, rfc3339(record.now))
+        spend = await self.ledger.spend(scopes, call.now)
+        estimate = self._estimate(facts, call.spec)
+        call.policy_input = build_input(principal, facts, estimate, spend, rfc3339(call.now))
         span = self.tracer.start_span("policy.decide", attributes={"lockgate.policy.entrypoint": DECISION})
         try:
-            decision, record.raw_decision, reused = self.policy.decide(record.policy_input)
+            decision, call.raw_decision, reused = self.policy.decide(call.policy_input)
         except GatewayError as exc:
             span.set_attribute("error.type", type(exc).__name__)
             span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -162,115 +189,134 @@ class ChatPipeline:
                                  "lockgate.policy.reused": reused})
         finally:
             span.end()
-        record.reasons = decision.reasons
-        root.set_attribute("lockgate.decision.allow", decision.allow)
+        call.reasons = decision.reasons
+        call.root.set_attribute("lockgate.decision.allow", decision.allow)
         if not decision.allow:
             reasons = "; ".join(decision.reasons) or "no reason given"
             raise PolicyDenied(f"The policy denied this call: {reasons}")
         return decision
 
-    def _estimate(self, facts: CallFacts) -> int:
+    def _estimate(self, facts: CallFacts, spec: EndpointSpec) -> int:
         """Worst-case cost for the policy input: the requested model's prices, or the dearest model's
         when the name is an alias only the policy resolves."""
+        if not spec.billable:
+            return 0
         model: CatalogModel | None = self.router.catalog.get(facts.model)
         candidates = [model] if model else list(self.router.catalog.values())
-        return max((m.cost_micro_usd(facts.input_tokens, facts.output_tokens_max) for m in candidates), default=0)
+        return min(MAX_MICRO_USD, max((m.cost_micro_usd(facts.input_tokens, facts.output_tokens_max)
+                                       for m in candidates), default=0))
 
     @staticmethod
-    def _apply_limits(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
-        if decision.max_tokens is None:
-            return body
-        limited = dict(body)
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        current = body.get(key)
-        limited[key] = min(current, decision.max_tokens) if isinstance(current, int) else decision.max_tokens
-        return limited
+    def _worst_case(call: Call, facts: CallFacts, decision: Decision, models: list[CatalogModel]) -> int:
+        """What the reservation holds: the dearest candidate at the most output the call may produce."""
+        if not call.spec.billable:
+            return 0
+        output_max = min(facts.output_tokens_max, decision.max_tokens or facts.output_tokens_max)
+        worst = max(m.cost_micro_usd(facts.input_tokens, output_max) for m in models)
+        if worst > MAX_MICRO_USD:
+            raise InvalidRequest("This call's worst-case cost is too large to account for; lower its "
+                                 "max_tokens or n.", param="max_tokens")
+        return worst
 
-    async def _inspect(self, tool_calls: tuple[str, ...] | list[str], finish_reasons: Any, record: CallRecord) -> None:
-        if not tool_calls:
+    async def _inspect(self, reply: ReplyFacts, call: Call) -> None:
+        """Stage 7: the reply's tool calls, when the policy reviews them (``response_decision``)."""
+        if not reply.tool_calls:
             return
-        review = self.policy.review_response({**(record.policy_input or {}), "response": {
-            "tool_calls": list(tool_calls), "finish_reasons": list(finish_reasons)}})
+        review = self.policy.review_response({**(call.policy_input or {}), "response": {
+            "tool_calls": list(reply.tool_calls), "finish_reasons": list(reply.finish_reasons)}})
         if review is not None and not review.allow:
-            record.reasons = review.reasons
+            call.reasons = review.reasons
             raise PolicyDenied("The policy withheld the reply: " + ("; ".join(review.reasons) or "no reason given"))
 
-    async def _stream(self, body: dict[str, Any], models: list[CatalogModel], record: CallRecord,
-                      root: Span) -> Response:
-        summary = StreamSummary()
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        assert record.route is not None
-        events = await self.router.stream(models, body, include_usage, root, record.route, summary)
-        return SSEResponse(self._relay(events, summary, record, root),  # type: ignore[return-value]
-                           headers=self._headers(record, root))
-
-    async def _relay(self, events: AsyncIterator[bytes], summary: StreamSummary, record: CallRecord,
-                     root: Span) -> AsyncIterator[bytes]:
+    async def _relay(self, events: AsyncIterator[bytes], reader: StreamReader, call: Call) -> AsyncIterator[bytes]:
+        """Relay a provider's stream event by event, reading it as it passes. From the first
+        tool-call delta on, events are held back until the response policy has seen the finished
+        tool calls (only when the policy reviews replies)."""
         error: GatewayError | None = None
         status = 200
-        relayed = 0
+        reviews = self.policy.reviews_responses
+        held: list[bytes] = []
         try:
             async for event in events:
-                relayed += 1
-                yield event
+                out = reader.observe(event)
+                if out is None:
+                    continue
+                if reviews and reader.facts.tool_calls:
+                    held.append(out)
+                    if not (reader.finished or reader.terminated):
+                        continue
+                    await self._inspect(reader.facts, call)
+                    reviews = False
+                    for kept in held:
+                        yield kept
+                    held.clear()
+                    continue
+                yield out
+            if not reader.terminated:
+                raise UpstreamUnavailable("The model provider's stream ended before its last event.")
+            if held:
+                await self._inspect(reader.facts, call)
+                for kept in held:
+                    yield kept
         except GatewayError as exc:
             error, status = exc, exc.status
-            yield sse_error_event(exc)
+            yield call.spec.error_event(exc)
         except GeneratorExit:
             error, status = ClientClosed(), ClientClosed.status
             raise
         except Exception as exc:
-            log.exception("stream failed in decision %s", record.decision_id)
+            log.exception("stream failed in decision %s", call.decision_id)
             error, status = GatewayError(), 500
             error.__cause__ = exc
-            yield sse_error_event(error)
+            yield call.spec.error_event(error)
         finally:
             await events.aclose()  # type: ignore[attr-defined]
-            record.usage = summary.usage
-            if relayed and not (summary.usage.input_tokens or summary.usage.output_tokens):
+            call.reply = reader.facts
+            call.usage = reader.facts.usage
+            if reader.events and not reader.facts.usage_reported:
                 # The stream ended before the provider reported usage (the client left, or the
                 # provider broke off), but the provider bills what it generated: estimate it
                 # from the prompt and about one token per relayed event, rather than charge nothing.
-                record.usage = Usage(input_tokens=record.facts.input_tokens if record.facts else 0,
-                                     output_tokens=relayed)
-                record.reasons = (*record.reasons, "usage estimated: the stream ended before the provider reported it")
-            self._settle(record)
-            self._record(record, root, status=status, error=error, summary=summary)
+                call.usage = Usage(input_tokens=call.facts.input_tokens if call.facts else 0,
+                                   output_tokens=reader.events)
+                call.reasons = (*call.reasons, "usage estimated: the stream ended before the provider reported it")
+            self._end(call, status=status, error=error)
 
-    def _settle(self, record: CallRecord) -> None:
-        """Price the usage and hand the settlement to the audit writer, which writes it with the
-        call's decision record; until then the reservation stays held."""
-        if record.reservation is None:
-            return
-        usage = record.usage
-        record.cost_micro_usd = record.route.model.cost_micro_usd(usage.input_tokens, usage.output_tokens) \
-            if record.route else 0
-        reservation, record.reservation = record.reservation, None
-        self.audit.add_settlement(reservation, record.cost_micro_usd)
-
-    def _headers(self, record: CallRecord, root: Span) -> dict[str, str]:
-        return {"lockgate-decision-id": record.decision_id,
-                "lockgate-trace-id": format(root.get_span_context().trace_id, "032x")}
-
-    def _refuse(self, record: CallRecord, root: Span, exc: GatewayError) -> Response:
-        response = error_response(exc)
-        response.headers.update(self._headers(record, root))
-        self._settle(record)  # releases the reservation of a call that failed
-        self._record(record, root, status=exc.status, error=exc)
+    def _refuse(self, call: Call, exc: GatewayError) -> Response:
+        response = call.spec.error_response(exc)
+        response.headers.update(call.headers())
+        self._end(call, status=exc.status, error=exc)
         return response
 
-    def _record(self, record: CallRecord, root: Span, *, status: int, error: GatewayError | None = None,
-                completion: Completion | None = None, summary: StreamSummary | None = None) -> None:
-        reply = completion or summary
-        route = record.route
+    def _end(self, call: Call, *, status: int, error: GatewayError | None = None) -> None:
+        """The one way out of a call: settle its reservation, end its span, queue its record."""
+        if call.ended:
+            return
+        call.ended = True
+        self._settle(call)
+        self._record(call, status=status, error=error)
+
+    def _settle(self, call: Call) -> None:
+        """Price the usage and hand the settlement to the audit writer, which writes it with the
+        call's decision record; until then the reservation stays held."""
+        if call.reservation is None:
+            return
+        usage = call.usage
+        call.cost_micro_usd = min(MAX_MICRO_USD, call.route.model.cost_micro_usd(
+            usage.input_tokens, usage.output_tokens)) if call.route and call.spec.billable else 0
+        reservation, call.reservation = call.reservation, None
+        self.audit.add_settlement(reservation, call.cost_micro_usd)
+
+    def _record(self, call: Call, *, status: int, error: GatewayError | None = None) -> None:
+        root, route, reply = call.root, call.route, call.reply
         attributes: dict[str, Any] = {"http.response.status_code": status}
         if route is not None and route.attempts:
-            attributes["gen_ai.provider.name"] = route.model.provider
+            attributes["gen_ai.provider.name"] = route.provider
         if reply is not None:
             attributes.update({
                 "gen_ai.response.model": reply.response_model,
-                "gen_ai.usage.input_tokens": reply.usage.input_tokens,
-                "gen_ai.usage.output_tokens": reply.usage.output_tokens,
+                "gen_ai.usage.input_tokens": call.usage.input_tokens,
+                "gen_ai.usage.output_tokens": call.usage.output_tokens,
                 "gen_ai.response.finish_reasons": tuple(reply.finish_reasons),
             })
         if error is not None:
@@ -279,29 +325,60 @@ class ChatPipeline:
         root.set_attributes(attributes)  # one call: the SDK locks and checks per call, not per batch
         root.end()
         denied = isinstance(error, (AuthenticationFailed, PermissionDenied, BudgetExceeded))
-        principal, facts = record.principal, record.facts
+        principal, facts = call.principal, call.facts
         self.audit.add_decision({
-            "id": record.decision_id,
-            "trace_id": format(root.get_span_context().trace_id, "032x"),
-            "created_at": record.now,
+            "id": call.decision_id,
+            "trace_id": call.trace_id,
+            "created_at": call.now,
             "outcome": "allowed" if error is None else ("denied" if denied else "failed"),
             "status_code": status,
-            "endpoint": "chat.completions",
+            "endpoint": call.spec.name,
             "key_id": principal.key_id if principal else None,
             "user": principal.user if principal else None,
             "team": principal.team if principal else None,
             "org": principal.org if principal else None,
             "requested_model": facts.model if facts else None,
             "routed_model": route.model.name if route and route.attempts else None,
-            "provider": route.model.provider if route and route.attempts else None,
-            "stream": record.stream,
-            "reasons": list(record.reasons),
+            "provider": route.provider if route and route.attempts else None,
+            "stream": facts.stream if facts else False,
+            "reasons": list(call.reasons),
             "error_type": (error.code or type(error).__name__) if error else None,
             "error_message": error.message if error else None,
-            "input_tokens": record.usage.input_tokens,
-            "output_tokens": record.usage.output_tokens,
-            "cost_micro_usd": record.cost_micro_usd,
-            "duration_ms": round((time.perf_counter() - record.started) * 1000, 3),
-            "policy_input": record.policy_input,
-            "decision": record.raw_decision if isinstance(record.raw_decision, dict) else None,
+            "input_tokens": call.usage.input_tokens,
+            "output_tokens": call.usage.output_tokens,
+            "cost_micro_usd": call.cost_micro_usd,
+            "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
+            "policy_input": call.policy_input,
+            "decision": call.raw_decision if isinstance(call.raw_decision, dict) else None,
         })
+
+
+class GovernedResponse:
+    """Sends a response, then ends its call should nothing have ended it yet: a stream that never
+    started (the client left before the first byte) leaves no record otherwise, since closing an
+    async generator that never ran does not run its ``finally``."""
+
+    def __init__(self, response: Response | SSEResponse, pipeline: Pipeline, call: Call) -> None:
+        self.response = response
+        self._pipeline = pipeline
+        self._call = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self._pipeline._end(self._call, status=ClientClosed.status, error=ClientClosed())
+
+
+class GovernedEndpoint:
+    """The ASGI app of one model endpoint: every method reaches the pipeline, so even a wrong
+    method is answered in the endpoint's error shape and recorded."""
+
+    def __init__(self, spec: EndpointSpec) -> None:
+        self.spec = spec
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        pipeline: Pipeline = request.state.runtime.pipeline
+        response = await pipeline.handle(request, self.spec)
+        await response(scope, receive, send)

@@ -22,7 +22,7 @@ from gateway.audit.tracing import build_tracer_provider
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore
 from gateway.budgets import BudgetLedgerStore
-from gateway.pipeline import ChatPipeline
+from gateway.pipeline import Pipeline
 from gateway.policy import PolicyStage
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.preflight import run_preflight
@@ -51,7 +51,7 @@ class Runtime:
     ledger: BudgetLedgerStore
     policy: PolicyStage
     router: Router
-    pipeline: ChatPipeline
+    pipeline: Pipeline
 
     async def close(self) -> None:
         self.tracer_provider.shutdown()  # spans are already rows in the writer; this stops the extra processors
@@ -138,8 +138,9 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     keys = KeyStore(engine, settings.auth_cache_ttl_s)
     approvals = ApprovalQueue(engine)
     ledger = BudgetLedgerStore(engine, direct, settings.spend_cache_ttl_s)
-    pipeline = ChatPipeline(keys=keys, policy=policy, approvals=approvals, ledger=ledger, router=router,
-                            audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes)
+    pipeline = Pipeline(keys=keys, policy=policy, approvals=approvals, ledger=ledger, router=router,
+                        audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes,
+                        max_request_depth=settings.max_request_depth)
     audit.start()
     return Runtime(settings=settings, engine=engine, direct=direct, http=http,
                    tracer_provider=tracer_provider, audit=audit,

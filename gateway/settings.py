@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from gateway.types import CatalogModel
+from gateway.types import CatalogModel, Deployment
 
 ENV_PREFIX = "LOCKGATE_"
 
@@ -63,6 +63,32 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+_DEPLOYMENT_FIELDS = ("provider", "upstream_model", "base_url", "api_key_env", "api_version", "weight", "timeout_s")
+
+
+def _deployments(entry: Mapping[str, Any]) -> tuple[Deployment, ...]:
+    """A model's deployments: its ``deployments`` list, each entry taking what it leaves out from
+    the model itself, or the model's own fields as its one deployment."""
+    listed = entry.get("deployments") or [{}]
+    if not isinstance(listed, list) or not all(isinstance(d, Mapping) for d in listed):
+        raise ValueError(f"model {entry.get('name')!r}: deployments must be a list of mappings")
+    deployments = []
+    for item in listed:
+        unknown = sorted(set(item) - set(_DEPLOYMENT_FIELDS))
+        if unknown:
+            raise ValueError(f"model {entry.get('name')!r}: unknown deployment fields {', '.join(unknown)}")
+        fields = {name: item.get(name, entry.get(name)) for name in _DEPLOYMENT_FIELDS}
+        fields = {name: value for name, value in fields.items() if value is not None}
+        fields.setdefault("upstream_model", entry["name"])
+        if "provider" not in fields:
+            raise ValueError(f"model {entry.get('name')!r}: each deployment needs a provider")
+        weight = fields.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ValueError(f"model {entry.get('name')!r}: a deployment's weight must be a positive number")
+        deployments.append(Deployment(**fields))
+    return tuple(deployments)
+
+
 def _models(value: Any) -> tuple[CatalogModel, ...]:
     if isinstance(value, str):
         value = json.loads(value)
@@ -70,12 +96,15 @@ def _models(value: Any) -> tuple[CatalogModel, ...]:
         raise ValueError("expected a list of models")
     models = []
     for entry in value:
-        if not isinstance(entry, Mapping) or "name" not in entry or "provider" not in entry:
-            raise ValueError(f"each model needs at least name and provider, got {entry!r}")
-        fields = dict(entry)
-        fields.setdefault("upstream_model", fields["name"])
+        if not isinstance(entry, Mapping) or "name" not in entry or not ("provider" in entry or "deployments" in entry):
+            raise ValueError(f"each model needs at least name and provider (or deployments), got {entry!r}")
+        deployments = _deployments(entry)
+        fields = {k: v for k, v in entry.items() if k not in ("deployments", "weight")}
+        first = deployments[0]
+        for name in ("provider", "upstream_model", "base_url", "api_key_env", "api_version"):
+            fields.setdefault(name, getattr(first, name))
         try:
-            models.append(CatalogModel(**fields))
+            models.append(CatalogModel(**fields, deployments=deployments))
         except TypeError as exc:
             raise ValueError(f"model {entry.get('name')!r}: {exc}") from None
     names = [m.name for m in models]
@@ -104,8 +133,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Folder of .rego and .json policy files; default: the policies shipped with Lockgate.",
             _optional_str),
     Setting("models", DEFAULT_MODELS,
-            "Model catalog: list of {name, provider, upstream_model, base_url, api_key_env, "
-            "input_usd_per_mtok, output_usd_per_mtok, timeout_s}; JSON when set from the environment.",
+            "Model catalog: list of {name, provider, upstream_model, base_url, api_key_env, api_version, "
+            "input_usd_per_mtok, output_usd_per_mtok, timeout_s, deployments}; each of `deployments` "
+            "({provider, upstream_model, base_url, api_key_env, api_version, weight, timeout_s}) takes what it "
+            "leaves out from the model; JSON when set from the environment. See docs/providers.md.",
             _models),
     Setting("upstream_timeout_s", 120.0, "Seconds to wait for a provider's answer (per attempt).",
             _positive(float)),
@@ -127,6 +158,13 @@ SETTINGS: tuple[Setting, ...] = (
             "a call's reservation is held until its settlement is written.", _positive(float)),
     Setting("audit_batch_size", 512, "Buffered decision records that trigger an immediate write.", _positive(int)),
     Setting("max_request_bytes", 4 * 1024 * 1024, "Largest request body accepted.", _positive(int)),
+    Setting("max_request_depth", 32, "Deepest nesting of JSON objects and arrays accepted in a request body.",
+            _positive(int)),
+    Setting("max_choices", 8, "Largest `n` (choices per call) accepted.", _positive(int)),
+    Setting("max_output_tokens", 262_144, "Largest `max_tokens` (or `max_completion_tokens`, "
+            "`max_output_tokens`) accepted.", _positive(int)),
+    Setting("default_output_tokens", 4096, "Output tokens reserved for a call that names no maximum.",
+            _positive(int)),
     Setting("mock_stream_delay_s", 0.0, "Pause between streamed chunks of the mock provider.",
             _positive(float)),
     Setting("log_level", "info", "Log level.", _choice("debug", "info", "warning", "error")),

@@ -33,8 +33,30 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class Deployment:
+    """One place a catalog model is served: a provider wire format at a URL, with its key."""
+
+    provider: str
+    upstream_model: str
+    base_url: str = ""
+    api_key_env: str = ""
+    api_version: str = ""  # azure_openai only
+    weight: float = 1.0
+    timeout_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        """How spans, logs and the cool-down name this deployment (never its key)."""
+        return f"{self.provider}:{self.base_url or '-'}:{self.upstream_model}"
+
+
+@dataclass(frozen=True, slots=True)
 class CatalogModel:
-    """One model the gateway can route to, declared in configuration (never by a client)."""
+    """One model the gateway can route to, declared in configuration (never by a client).
+
+    The top-level ``provider``/``upstream_model``/``base_url``/``api_key_env`` describe its first
+    deployment; ``deployments`` lists every one (settings always fill it, with at least one).
+    """
 
     name: str
     provider: str
@@ -44,6 +66,8 @@ class CatalogModel:
     input_usd_per_mtok: float = 0.0
     output_usd_per_mtok: float = 0.0
     timeout_s: float | None = None
+    api_version: str = ""
+    deployments: tuple[Deployment, ...] = ()
 
     def cost_micro_usd(self, input_tokens: int, output_tokens: int) -> int:
         """Cost in integer micro-dollars (prices are USD per million tokens)."""
@@ -63,6 +87,7 @@ class CallFacts:
     metadata: Mapping[str, Any]
     input_tokens: int
     output_tokens_max: int
+    include_usage: bool = False  # the client asked for the usage chunk of a chat stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,45 +127,56 @@ class Usage:
 
 
 @dataclass(slots=True)
-class Completion:
-    """A non-streaming reply, already in OpenAI chat.completion wire format."""
-
-    body: bytes
-    usage: Usage
-    response_model: str
-    finish_reasons: tuple[str, ...]
-    tool_calls: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class StreamSummary:
-    """Filled in by a provider while it streams, read once the stream has ended."""
+class ReplyFacts:
+    """What an endpoint spec read from a reply, or from a stream so far."""
 
     usage: Usage = field(default_factory=Usage)
+    usage_reported: bool = False  # the provider's reply carried a usage block
     response_model: str = ""
+    response_id: str = ""
     finish_reasons: list[str] = field(default_factory=list)
     tool_calls: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamCall:
-    """One request for a provider: the client's body with the model already rewritten."""
+    """One request for a provider, in the wire format of the endpoint the client called.
 
+    The adapter rewrites ``model`` to the deployment's upstream model and translates the body
+    when the deployment speaks another wire format; what it returns is again in ``endpoint``'s
+    wire format, so the endpoint spec can read usage and tool calls from it.
+    """
+
+    endpoint: str  # "chat.completions" | "responses" | "embeddings" | "messages" | "messages.count_tokens"
     model: CatalogModel
+    deployment: Deployment
     body: Mapping[str, Any]
     api_key: str
-    include_usage: bool = True
+    stream: bool = False
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    """A provider's whole (non-streamed) answer, already in the client's wire format."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
 
 
 class Provider(Protocol):
-    """A provider wire format (see ``adapters/``). Raises ``gateway.errors.UpstreamError`` subclasses."""
+    """A provider wire format (see ``adapters/``). Raises ``gateway.errors.UpstreamError`` subclasses.
+
+    ``endpoints`` lists the client endpoints it can serve, natively or by translation.
+    """
 
     name: str
+    endpoints: frozenset[str]
 
-    async def complete(self, call: UpstreamCall) -> Completion: ...
+    async def complete(self, call: UpstreamCall) -> UpstreamReply: ...
 
-    def stream(self, call: UpstreamCall, summary: StreamSummary) -> AsyncIterator[bytes]:
-        """Yield OpenAI-format SSE events (each ending in a blank line) and fill ``summary``."""
+    def stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
+        """Yield SSE events of ``call.endpoint``'s wire format, each ending in a blank line."""
         ...
 
 

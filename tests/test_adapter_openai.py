@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from adapters.openai import MAX_TOKENS_REPORTED, OpenAIProvider, read_usage
+from adapters.openai import OpenAIProvider
+from gateway.endpoints.chat import MAX_TOKENS_REPORTED, ChatCompletions, ChatStreamReader, read_usage
+from gateway.endpoints.checks import RequestLimits
 from gateway.errors import (
     UpstreamError,
     UpstreamRateLimited,
@@ -17,7 +19,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.types import CatalogModel, Completion, StreamSummary, UpstreamCall
+from gateway.types import CatalogModel, Deployment, ReplyFacts, UpstreamCall
 from gateway.upstream import build_http_client
 from tests.conftest import free_port
 from tests.fakes.openai_upstream import (
@@ -55,26 +57,49 @@ async def provider() -> AsyncIterator[OpenAIProvider]:
 
 
 def catalog_model(base_url: str, timeout_s: float | None = None) -> CatalogModel:
+    deployment = Deployment(provider="openai", upstream_model=UPSTREAM_MODEL, base_url=base_url,
+                            api_key_env="FAKE_OPENAI_KEY", timeout_s=timeout_s)
     return CatalogModel(name="primary", provider="openai", upstream_model=UPSTREAM_MODEL, base_url=base_url,
-                        api_key_env="FAKE_OPENAI_KEY", timeout_s=timeout_s)
+                        api_key_env="FAKE_OPENAI_KEY", timeout_s=timeout_s, deployments=(deployment,))
 
 
-def call(upstream: FakeOpenAI, body: dict[str, Any] | None = None, *, include_usage: bool = True,
-         timeout_s: float | None = None) -> UpstreamCall:
-    return UpstreamCall(model=catalog_model(upstream.url, timeout_s), body=body or BODY, api_key=PROVIDER_KEY,
-                        include_usage=include_usage)
+def call(upstream: FakeOpenAI, body: dict[str, Any] | None = None, *, timeout_s: float | None = None
+         ) -> UpstreamCall:
+    body = body or BODY
+    model = catalog_model(upstream.url, timeout_s)
+    return UpstreamCall(endpoint="chat.completions", model=model, deployment=model.deployments[0], body=body,
+                        api_key=PROVIDER_KEY, stream=bool(body.get("stream")))
 
 
-async def collect(provider: OpenAIProvider, upstream_call: UpstreamCall,
-                  summary: StreamSummary | None = None) -> list[bytes]:
-    return [event async for event in provider.stream(upstream_call, summary or StreamSummary())]
+class Completion:
+    """A reply as the pipeline sees it: the adapter's bytes, read by the chat endpoint spec."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        facts = ChatCompletions(RequestLimits()).read_reply(body)
+        self.usage, self.response_model = facts.usage, facts.response_model
+        self.finish_reasons, self.tool_calls = tuple(facts.finish_reasons), tuple(facts.tool_calls)
+
+
+async def complete(provider: OpenAIProvider, upstream_call: UpstreamCall) -> Completion:
+    return Completion((await provider.complete(upstream_call)).body)
+
+
+async def collect(provider: OpenAIProvider, upstream_call: UpstreamCall, summary: ReplyFacts | None = None, *,
+                  include_usage: bool = True) -> list[bytes]:
+    """The events the client gets: the adapter's stream read by the chat spec's stream reader."""
+    reader = ChatStreamReader(include_usage)
+    if summary is not None:
+        reader.facts = summary
+    events = [event async for event in provider.stream(upstream_call)]
+    return [out for event in events if (out := reader.observe(event)) is not None]
 
 
 async def collect_until_error(provider: OpenAIProvider, upstream_call: UpstreamCall,
                               ) -> tuple[list[bytes], BaseException | None]:
     events: list[bytes] = []
     try:
-        async for event in provider.stream(upstream_call, StreamSummary()):
+        async for event in provider.stream(upstream_call):
             events.append(event)
     except Exception as exc:
         return events, exc
@@ -109,7 +134,7 @@ async def test_a_completion_request_carries_the_upstream_model_the_key_and_the_r
             "tool_choice": "auto"}
     upstream.script(reply())
 
-    await provider.complete(call(upstream, body))
+    await complete(provider, call(upstream, body))
 
     [sent] = upstream.requests
     assert (sent.method, sent.path) == ("POST", "/v1/chat/completions")
@@ -124,7 +149,7 @@ async def test_a_stream_request_asks_for_usage_and_keeps_the_clients_stream_opti
     body = {**BODY, "stream": True, "stream_options": {"include_usage": False, "include_obfuscation": False}}
     upstream.script(reply())
 
-    await collect(provider, call(upstream, body, include_usage=False))
+    await collect(provider, call(upstream, body), include_usage=False)
 
     [sent] = upstream.requests
     assert sent.body["model"] == UPSTREAM_MODEL and sent.body["stream"] is True
@@ -134,9 +159,11 @@ async def test_a_stream_request_asks_for_usage_and_keeps_the_clients_stream_opti
 
 async def test_no_authorization_header_is_sent_without_a_key(upstream: FakeOpenAI, provider: OpenAIProvider) -> None:
     upstream.script(reply())
-    keyless = UpstreamCall(model=catalog_model(upstream.url), body=BODY, api_key="")
+    model = catalog_model(upstream.url)
+    keyless = UpstreamCall(endpoint="chat.completions", model=model, deployment=model.deployments[0], body=BODY,
+                           api_key="")
 
-    await provider.complete(keyless)
+    await complete(provider, keyless)
 
     assert "authorization" not in upstream.requests[0].headers
 
@@ -145,7 +172,7 @@ async def test_requests_name_the_gateway_and_streams_refuse_compression(
         upstream: FakeOpenAI, provider: OpenAIProvider) -> None:
     upstream.script(reply(), reply())
 
-    await provider.complete(call(upstream))
+    await complete(provider, call(upstream))
     await collect(provider, call(upstream, {**BODY, "stream": True}))
 
     plain, stream = upstream.requests
@@ -159,12 +186,13 @@ async def test_a_providers_cookies_are_never_sent_back(upstream: FakeOpenAI, pro
     # balancer's, say) must not ride along on the next caller's. "localhost", not 127.0.0.1,
     # because cookie jars ignore cookies set by bare IP addresses.
     upstream.script(error(503, headers=(("set-cookie", "lb=tenant-a; Path=/"),)), reply())
-    localhost = UpstreamCall(model=catalog_model(upstream.url.replace("127.0.0.1", "localhost")), body=BODY,
+    model = catalog_model(upstream.url.replace("127.0.0.1", "localhost"))
+    localhost = UpstreamCall(endpoint="chat.completions", model=model, deployment=model.deployments[0], body=BODY,
                              api_key=PROVIDER_KEY)
 
     with pytest.raises(UpstreamUnavailable):
-        await provider.complete(localhost)
-    await provider.complete(localhost)
+        await complete(provider, localhost)
+    await complete(provider, localhost)
 
     assert [("cookie" in r.headers) for r in upstream.requests] == [False, False]
 
@@ -176,7 +204,7 @@ async def test_a_completion_is_passed_through_byte_for_byte_with_its_usage(
     upstream.script(reply("Hello there.", model="gpt-fake-primary-2026-01-01", prompt_tokens=31,
                           completion_tokens=4))
 
-    completion = await provider.complete(call(upstream))
+    completion = await complete(provider, call(upstream))
 
     assert completion.body == upstream.replies[0]  # OpenAI's indented JSON, not re-serialised
     assert (completion.usage.input_tokens, completion.usage.output_tokens) == (31, 4)
@@ -188,7 +216,7 @@ async def test_a_completion_is_passed_through_byte_for_byte_with_its_usage(
 async def test_a_completion_with_tool_calls_names_every_tool(upstream: FakeOpenAI, provider: OpenAIProvider) -> None:
     upstream.script(tool_reply("search_web", "transfer_funds"))
 
-    completion = await provider.complete(call(upstream))
+    completion = await complete(provider, call(upstream))
 
     assert completion.tool_calls == ("search_web", "transfer_funds")
     assert completion.finish_reasons == ("tool_calls",)
@@ -199,7 +227,7 @@ async def test_a_completion_with_tool_calls_names_every_tool(upstream: FakeOpenA
 async def test_a_length_finish_is_reported(upstream: FakeOpenAI, provider: OpenAIProvider) -> None:
     upstream.script(reply("Truncat", finish_reason="length"))
 
-    completion = await provider.complete(call(upstream))
+    completion = await complete(provider, call(upstream))
 
     assert completion.finish_reasons == ("length",)
 
@@ -214,7 +242,7 @@ async def test_a_200_that_is_not_a_chat_completion_is_an_upstream_error(
     upstream.script(raw(200, body))
 
     with pytest.raises(UpstreamError):
-        await provider.complete(call(upstream))
+        await complete(provider, call(upstream))
 
 
 # --- streaming replies --------------------------------------------------------------------------
@@ -227,9 +255,9 @@ async def test_a_stream_is_reframed_into_the_providers_events(
         include_usage: bool) -> None:
     cassette = reply("One two three.", split=split, pause_s=pause_s)
     upstream.script(cassette)
-    summary = StreamSummary()
+    summary = ReplyFacts()
 
-    events = await collect(provider, call(upstream, {**BODY, "stream": True}, include_usage=include_usage), summary)
+    events = await collect(provider, call(upstream, {**BODY, "stream": True}), summary, include_usage=include_usage)
 
     sent = cassette.events(UPSTREAM_MODEL, include_usage=True)  # the adapter always asks for usage
     assert b"".join(sent) == upstream.replies[0]
@@ -246,7 +274,7 @@ async def test_a_stream_is_reframed_into_the_providers_events(
 async def test_a_streamed_tool_call_is_named_once_per_tool(upstream: FakeOpenAI, provider: OpenAIProvider) -> None:
     cassette = tool_reply("search_web", "transfer_funds", split=13)
     upstream.script(cassette)
-    summary = StreamSummary()
+    summary = ReplyFacts()
 
     events = await collect(provider, call(upstream, {**BODY, "stream": True}), summary)
 
@@ -298,7 +326,7 @@ async def failure_of(provider: OpenAIProvider, upstream_call: UpstreamCall, stre
         if stream:
             await collect(provider, upstream_call)
         else:
-            await provider.complete(upstream_call)
+            await complete(provider, upstream_call)
     return caught.value
 
 
@@ -368,8 +396,9 @@ async def test_a_stream_that_stalls_after_its_first_event_is_a_timeout(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
 async def test_a_refused_connection_is_unavailable(provider: OpenAIProvider, stream: bool) -> None:
-    nobody = UpstreamCall(model=catalog_model(f"http://127.0.0.1:{free_port()}/v1"),
-                          body={**BODY, "stream": stream}, api_key=PROVIDER_KEY)
+    model = catalog_model(f"http://127.0.0.1:{free_port()}/v1")
+    nobody = UpstreamCall(endpoint="chat.completions", model=model, deployment=model.deployments[0],
+                          body={**BODY, "stream": stream}, api_key=PROVIDER_KEY, stream=stream)
 
     failure = await failure_of(provider, nobody, stream)
 
@@ -391,8 +420,8 @@ async def test_the_connection_is_reused_after_errors(upstream: FakeOpenAI, provi
     upstream.script(error(503), reply("after"))
 
     with pytest.raises(UpstreamUnavailable):
-        await provider.complete(call(upstream))
-    completion: Completion = await provider.complete(call(upstream))
+        await complete(provider, call(upstream))
+    completion: Completion = await complete(provider, call(upstream))
 
     assert json.loads(completion.body)["choices"][0]["message"]["content"] == "after"
     assert upstream.pending == 0

@@ -18,7 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.budgets import BudgetLedgerStore, Reservation, period_of, settlement, settlement_statement
-from gateway.describe import describe_chat
+from gateway.endpoints.chat import ChatCompletions
+from gateway.endpoints.checks import RequestLimits
 from gateway.errors import BudgetExceeded, StoreUnavailable
 from gateway.settings import DEFAULT_MODELS
 from gateway.store import BudgetLedger, DirectStatements, create_store_engine, create_tables
@@ -296,7 +297,7 @@ BODY: dict[str, Any] = {"model": "mock-smart", "max_tokens": 100, "messages": [{
 
 
 def _worst_case(body: dict[str, Any]) -> int:
-    facts = describe_chat(body)
+    facts = ChatCompletions(RequestLimits()).describe(body)
     return SMART.cost_micro_usd(facts.input_tokens, facts.output_tokens_max)
 
 

@@ -212,9 +212,13 @@ def test_a_nul_character_from_a_client_cannot_stall_the_audit(gateway: Gateway) 
     with pytest.raises(openai.BadRequestError) as refused:
         sdk.chat.completions.create(model="fast\x00evil", messages=[{"role": "user", "content": "hi"}])
     assert refused.value.body["param"] == "model"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as unreadable_tool:  # a policy could not match its name
+        sdk.chat.completions.create(
+            model="fast", messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "look\x00up", "parameters": {"type": "object"}}}])
+    assert unreadable_tool.value.body["param"] == "tools[0].function.name"  # type: ignore[index]
     odd = sdk.chat.completions.with_raw_response.create(
-        model="fast", messages=[{"role": "user", "content": "nul \x00 inside"}], metadata={"note": "a\x00b"},
-        tools=[{"type": "function", "function": {"name": "look\x00up", "parameters": {"type": "object"}}}])
+        model="fast", messages=[{"role": "user", "content": "nul \x00 inside"}], metadata={"note": "a\x00b"})
     assert odd.http_response.status_code == 200
     later = sdk.chat.completions.with_raw_response.create(model="fast", messages=[{"role": "user", "content": "hi"}])
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from sqlalchemy import text
 
 from gateway.audit.reader import list_decisions
+from gateway.endpoints.chat import ChatCompletions
+from gateway.endpoints.checks import RequestLimits
 from gateway.runtime import build_runtime
 from gateway.settings import load_settings
 from tests.fakes.openai_upstream import FakeOpenAI, delay, reply
@@ -34,7 +36,7 @@ async def test_a_call_cancelled_mid_flight_is_recorded_and_releases_its_reservat
         try:
             key = (await runtime.keys.create(user="ana", team="research")).key
             body = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}]}).encode()
-            call = asyncio.create_task(runtime.pipeline.handle(_request(body, key)))
+            call = asyncio.create_task(runtime.pipeline.handle(_request(body, key), ChatCompletions(RequestLimits())))
             for _ in range(500):  # at most 5 s for the call to reach the provider
                 if upstream.requests:
                     break

@@ -59,7 +59,8 @@ def test_allowed_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, 
     assert tree(spans) == {
         "name": "chat fast", "kind": "SERVER", "status": "UNSET",
         "attributes": {
-            "gen_ai.operation.name": "chat", "lockgate.decision_id": "<id>", "gen_ai.request.model": "fast",
+            "gen_ai.operation.name": "chat", "lockgate.decision_id": "<id>", "lockgate.endpoint": "chat.completions",
+                "gen_ai.request.model": "fast",
             "lockgate.decision.allow": True, "gen_ai.provider.name": "mock", "gen_ai.response.model": "mock-fast",
             "gen_ai.usage.input_tokens": usage["prompt_tokens"],
             "gen_ai.usage.output_tokens": usage["completion_tokens"],
@@ -104,7 +105,8 @@ def test_denied_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, s
     assert tree(exporter.get_finished_spans()) == {
         "name": "chat gpt-4o", "kind": "SERVER", "status": "ERROR",
         "attributes": {
-            "gen_ai.operation.name": "chat", "lockgate.decision_id": "<id>", "gen_ai.request.model": "gpt-4o",
+            "gen_ai.operation.name": "chat", "lockgate.decision_id": "<id>", "lockgate.endpoint": "chat.completions",
+                "gen_ai.request.model": "gpt-4o",
             "lockgate.decision.allow": False, "error.type": "policy_denied", "http.response.status_code": 403,
         },
         "children": [

@@ -143,6 +143,11 @@ class PolicyStage:
             self.cache.put(key, (decision, raw))  # type: ignore[union-attr]
         return decision, raw, False
 
+    @property
+    def reviews_responses(self) -> bool:
+        """The policy defines ``response_decision``: replies with tool calls are shown to it."""
+        return self.engine.defines(RESPONSE_DECISION)
+
     def review_response(self, policy_input: Mapping[str, Any]) -> Decision | None:
         """Stage 7: the reply's tool calls, when the policy defines ``response_decision``."""
         if not self.engine.defines(RESPONSE_DECISION):

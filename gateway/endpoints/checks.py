@@ -1,0 +1,155 @@
+"""Checks shared by the endpoint specs: every field the gateway reads is checked for type and
+range before any budget is touched, and fails with a 400 naming the field.
+
+Fields the gateway does not read pass through to the provider, which judges them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.errors import InvalidRequest
+
+MAX_MODEL_CHARS = 256
+# A rough, tokenizer-free estimate: about four characters per token, plus framing per message.
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+# A non-text input part (image, audio, file) is estimated at this many tokens until the
+# estimate learns each kind (spend control's issue): conservative for a typical image.
+TOKENS_PER_MEDIA_PART = 1_600
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Ceilings from the settings, applied by every spec."""
+
+    max_depth: int = 32  # JSON nesting
+    max_choices: int = 8  # n
+    max_output_tokens: int = 262_144  # max_tokens and its kin
+    default_output_tokens: int = 4_096  # reserved for a call that names no max_tokens
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc.msg} at position {exc.pos}.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    if _too_deep(body, max_depth):
+        raise InvalidRequest(f"The request body is nested deeper than {max_depth} levels.")
+    return body
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """True if containers nest deeper than ``limit``; iterative, visiting containers only."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def model_name(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string.", param="model")
+    if len(model) > MAX_MODEL_CHARS or not model.isprintable():
+        # A model name is a catalog name or an alias; it ends up in spans, records and messages.
+        raise InvalidRequest(f"'model' must be a printable name of at most {MAX_MODEL_CHARS} characters.",
+                             param="model")
+    return model
+
+
+def boolean(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be a boolean.", param=name)
+    return value
+
+
+def positive_int(body: Mapping[str, Any], name: str, ceiling: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
+    if value > ceiling:
+        raise InvalidRequest(f"'{name}' must be at most {ceiling}.", param=name)
+    return value
+
+
+def optional_object(body: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{name}' must be an object.", param=name)
+    return value
+
+
+def optional_array(body: Mapping[str, Any], name: str) -> list[Any]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequest(f"'{name}' must be an array.", param=name)
+    return value
+
+
+def tool_name(value: Any, param: str) -> str:
+    """A tool's name, which policies match on: a non-empty printable string, or a 400."""
+    if not isinstance(value, str) or not value or len(value) > MAX_MODEL_CHARS or not value.isprintable():
+        raise InvalidRequest(f"'{param}' must be a tool name: a printable string of at most "
+                             f"{MAX_MODEL_CHARS} characters.", param=param)
+    return value
+
+
+def text_chars(content: Any, param: str) -> tuple[int, int]:
+    """(characters of text, non-text parts) of a message's content: a string, null, or an array of
+    parts, each an object with a string ``type``; a text part's ``text`` must be a string."""
+    if content is None:
+        return 0, 0
+    if isinstance(content, str):
+        return len(content), 0
+    if not isinstance(content, list):
+        raise InvalidRequest(f"'{param}' must be a string or an array of content parts.", param=param)
+    chars = media = 0
+    for index, part in enumerate(content):
+        where = f"{param}[{index}]"
+        if isinstance(part, str):
+            # Not a content part of any API: a common mistake the provider would refuse anyway.
+            raise InvalidRequest(f"'{where}' must be a content part object, not a string.", param=where)
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequest(f"'{where}' must be an object with a string 'type'.", param=where)
+        if "text" in part:
+            text = part["text"]
+            if not isinstance(text, str):
+                raise InvalidRequest(f"'{where}.text' must be a string.", param=f"{where}.text")
+            chars += len(text)
+        elif part["type"] in ("refusal",):
+            chars += len(str(part.get("refusal") or ""))
+        else:
+            media += 1
+    return chars, media
+
+
+def estimate_tokens(chars: int, media_parts: int, messages: int) -> int:
+    return chars // CHARS_PER_TOKEN + TOKENS_PER_MEDIA_PART * media_parts + TOKENS_PER_MESSAGE * messages
+
+
+def json_chars(value: Any) -> int:
+    return len(orjson.dumps(value)) if value else 0
