@@ -108,7 +108,7 @@ class ApprovalRequirement:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The policy's answer for one call (see the contract in ARCHITECTURE.md)."""
+    """The policy's answer for one call (see the contract in docs/architecture.md and docs/policies.md)."""
 
     allow: bool
     reasons: tuple[str, ...]

@@ -1,5 +1,5 @@
 # The default Lockgate policy. The gateway evaluates data.lockgate.decision once per call with
-# the input document described in ARCHITECTURE.md; data.json beside this file holds the teams,
+# the input document described in docs/policies.md; data.json beside this file holds the teams,
 # their models and budgets, model aliases, fallbacks, and the tools that need approval.
 package lockgate
 

@@ -1,6 +1,6 @@
 """Stage 3, decide: one Rego evaluation of ``data.lockgate.decision`` per call.
 
-This module builds the input document of the contract in ARCHITECTURE.md and turns the
+This module builds the input document of the contract in docs/architecture.md and docs/policies.md and turns the
 policy's answer into a ``Decision``. Any failure of the engine, or an answer of the wrong
 shape, denies the call (fail closed).
 """
