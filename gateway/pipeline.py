@@ -245,7 +245,14 @@ class Pipeline:
                     held.append(out)
                     if not (reader.finished or reader.terminated):
                         continue
-                    await self._inspect(reader.facts, call)
+                    try:
+                        await self._inspect(reader.facts, call)
+                    except PolicyDenied:
+                        # The reply is finished: read the rest (its usage) so the call is charged
+                        # what the provider bills, relaying nothing more.
+                        async for event in events:
+                            reader.observe(event)
+                        raise
                     reviews = False
                     for kept in held:
                         yield kept
