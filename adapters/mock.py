@@ -11,10 +11,13 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 
 import orjson
 
+from adapters.anthropic_translate import MESSAGES_ENDPOINTS, complete_messages_over_chat, stream_messages_over_chat
+from adapters.mock_openai import MOCK_OPENAI_ENDPOINTS, MockOpenAIEndpoints
 from gateway.sse import DONE, sse_event
 from gateway.types import UpstreamCall, UpstreamReply, Usage
 
@@ -80,12 +83,18 @@ class _Reply:
 
 class MockProvider:
     name = "mock"
-    endpoints = frozenset({"chat.completions"})
+    endpoints = frozenset({"chat.completions"}) | MESSAGES_ENDPOINTS  # Messages: answered as chat, translated
+    endpoints |= MOCK_OPENAI_ENDPOINTS  # Responses and embeddings: adapters/mock_openai.py
 
     def __init__(self, stream_delay_s: float = 0.0) -> None:
         self._delay = stream_delay_s
+        self._openai = MockOpenAIEndpoints()
 
     async def complete(self, call: UpstreamCall) -> UpstreamReply:
+        if call.endpoint in MOCK_OPENAI_ENDPOINTS:
+            return self._openai.complete(call)
+        if call.endpoint in MESSAGES_ENDPOINTS:
+            return await complete_messages_over_chat(self, call, count=lambda chat: _Reply(chat).usage.input_tokens)
         reply = _Reply(call)
         message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
         if reply.tool_call:
@@ -98,6 +107,16 @@ class MockProvider:
         return UpstreamReply(status=200, body=orjson.dumps(body))
 
     async def stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
+        if call.endpoint in MOCK_OPENAI_ENDPOINTS:
+            async with aclosing(self._openai.stream(call, self._delay)) as events:
+                async for event in events:
+                    yield event
+            return
+        if call.endpoint in MESSAGES_ENDPOINTS:
+            async with aclosing(stream_messages_over_chat(self, call)) as translated:
+                async for event in translated:
+                    yield event
+            return
         reply = _Reply(call)
         yield sse_event(reply.chunk({"role": "assistant", "content": "" if reply.content is not None else None}))
         if reply.tool_call:

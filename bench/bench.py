@@ -44,9 +44,31 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODEL = "bench-model"
 MESSAGES = [{"role": "system", "content": "You are a terse assistant."},
             {"role": "user", "content": "Say hello to the benchmark in a few words, please."}]
+CLAUDE = "bench-claude"  # a catalog model on the anthropic adapter, for the Messages phases
 CHAT_BODY = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 32}).encode()
 STREAM_BODY = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 32, "stream": True,
                           "stream_options": {"include_usage": True}}).encode()
+RESPONSES_BODY = json.dumps({"model": MODEL, "instructions": MESSAGES[0]["content"],
+                             "input": MESSAGES[1]["content"], "max_output_tokens": 32}).encode()
+MESSAGES_BODY = json.dumps({"model": CLAUDE, "system": MESSAGES[0]["content"], "max_tokens": 32,
+                            "messages": [MESSAGES[1]]}).encode()
+
+
+@dataclass(frozen=True)
+class Api:
+    """One endpoint the bench calls: its path under /v1, the body, and how a good reply ends."""
+
+    path: str
+    body: bytes
+    stream_body: bytes = b""
+    stream_end: bytes = b"data: [DONE]"
+
+
+CHAT = Api("/chat/completions", CHAT_BODY, STREAM_BODY)
+# The anthropic adapter's base URL: the server's root, it adds /v1/messages (docs/providers.md).
+ANTHROPIC_BASE = "http://{host}:{port}"
+RESPONSES = Api("/responses", RESPONSES_BODY)
+MESSAGES_API = Api("/messages", MESSAGES_BODY)
 
 
 # ---------------------------------------------------------------- fake upstream (child process)
@@ -74,9 +96,29 @@ def _upstream_replies(chunks: int) -> tuple[bytes, bytes, bytes]:
     return plain, stream(True), stream(False)
 
 
+def _other_replies(chunks: int) -> dict[bytes, bytes]:
+    """Pre-encoded JSON replies of the Responses and the Anthropic Messages APIs, by path."""
+    text = "Hello bench! " * chunks
+    responses = json.dumps({
+        "id": "resp_bench", "object": "response", "created_at": 1, "status": "completed", "model": "bench-upstream",
+        "output": [{"type": "message", "id": "msg_bench", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": 24, "output_tokens": chunks, "total_tokens": 24 + chunks,
+                  "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}})
+    messages = json.dumps({
+        "id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-upstream",
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 24, "output_tokens": chunks}})
+    head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n"
+    return {b"/v1/responses": (head.format(len(responses)) + responses).encode(),
+            b"/v1/messages": (head.format(len(messages)) + messages).encode()}
+
+
 def serve_upstream(chunks: int) -> None:
-    """Answer POST /v1/chat/completions on a free loopback port; print the port, then serve forever."""
+    """Answer POST /v1/chat/completions, /v1/responses and /v1/messages on a free loopback port;
+    print the port, then serve forever."""
     plain, stream_usage, stream_plain = _upstream_replies(chunks)
+    others = _other_replies(chunks)
     not_found = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
 
     class Upstream(asyncio.Protocol):
@@ -101,6 +143,11 @@ def serve_upstream(chunks: int) -> None:
             self.body += body
 
         def on_message_complete(self) -> None:
+            if self.url in others:
+                self.transport.write(others[self.url])
+                if not self.parser.should_keep_alive():
+                    self.transport.close()
+                return
             request = orjson.loads(self.body) if self.url == b"/v1/chat/completions" else None
             reply = not_found if request is None else plain
             if request is not None and request.get("stream"):
@@ -127,7 +174,7 @@ def serve_bare(upstream_port: int, port: int) -> None:
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
 
-    target = f"http://{HOST}:{upstream_port}/v1/chat/completions"
+    target = f"http://{HOST}:{upstream_port}"
     session: aiohttp.ClientSession | None = None
 
     async def relay(request: Request) -> Response:
@@ -135,7 +182,7 @@ def serve_bare(upstream_port: int, port: int) -> None:
         session = session or aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
         body = await request.body()
         headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
-        upstream = await session.post(target, data=body, headers=headers)
+        upstream = await session.post(target + request.url.path, data=body, headers=headers)
         if upstream.content_type == "text/event-stream":
             async def events() -> Any:
                 try:
@@ -151,7 +198,7 @@ def serve_bare(upstream_port: int, port: int) -> None:
     async def ready(request: Request) -> Response:
         return Response(b"{}", media_type="application/json")
 
-    app = Starlette(routes=[Route("/v1/chat/completions", relay, methods=["POST"]), Route("/readyz", ready)])
+    app = Starlette(routes=[Route("/v1/{path:path}", relay, methods=["POST"]), Route("/readyz", ready)])
     uvicorn.run(app, host=HOST, port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False)
 
 
@@ -198,19 +245,22 @@ def write_policy(folder: Path) -> None:
     folder.mkdir()
     shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
     data = {"lockgate": {"aliases": {}, "fallbacks": {}, "approval_tools": {},
-                         "teams": {"bench": {"models": [MODEL], "monthly_budget_usd": 1_000_000}}}}
+                         "teams": {"bench": {"models": [MODEL, CLAUDE], "monthly_budget_usd": 1_000_000}}}}
     (folder / "data.json").write_text(json.dumps(data, indent=2))
 
 
 def gateway_env(workdir: Path, upstream_port: int, gateway_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")}
+    prices = {"input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.60}
     model = {"name": MODEL, "provider": "openai", "upstream_model": "bench-upstream",
-             "base_url": f"http://{HOST}:{upstream_port}/v1", "api_key_env": "BENCH_UPSTREAM_KEY",
-             "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.60}
+             "base_url": f"http://{HOST}:{upstream_port}/v1", "api_key_env": "BENCH_UPSTREAM_KEY", **prices}
+    claude = {"name": CLAUDE, "provider": "anthropic", "upstream_model": "bench-upstream",
+              "base_url": ANTHROPIC_BASE.format(host=HOST, port=upstream_port), "api_key_env": "BENCH_UPSTREAM_KEY",
+              **prices}
     env.update({"PYTHONPATH": str(ROOT), "BENCH_UPSTREAM_KEY": "sk-bench",
                 "LOCKGATE_HOST": HOST, "LOCKGATE_PORT": str(gateway_port), "LOCKGATE_LOG_LEVEL": "warning",
                 "LOCKGATE_DATABASE_URL": f"sqlite:///{workdir / 'lockgate.db'}",
-                "LOCKGATE_POLICY_DIR": str(workdir / "policy"), "LOCKGATE_MODELS": json.dumps([model])})
+                "LOCKGATE_POLICY_DIR": str(workdir / "policy"), "LOCKGATE_MODELS": json.dumps([model, claude])})
     return env
 
 
@@ -228,6 +278,7 @@ class Phase:
     target: str
     concurrency: int
     stream: bool
+    api: Api = CHAT
     ok: int = 0
     errors: int = 0
     first_error: str = ""
@@ -261,7 +312,8 @@ def pct(values: list[float], q: float) -> float | None:
 async def run_phase(session: aiohttp.ClientSession, url: str, headers: dict[str, str], phase: Phase, count: int,
                     max_seconds: float) -> None:
     """``phase.concurrency`` workers send requests until ``count`` were issued or time runs out."""
-    body = STREAM_BODY if phase.stream else CHAT_BODY
+    body = phase.api.stream_body if phase.stream else phase.api.body
+    url += phase.api.path
     issued = 0
     deadline = time.perf_counter() + max_seconds
 
@@ -277,7 +329,7 @@ async def run_phase(session: aiohttp.ClientSession, url: str, headers: dict[str,
                         head = await response.content.readany()
                         first = time.perf_counter()
                         reply = head + await response.read()
-                        good = response.status == 200 and reply.rstrip().endswith(b"data: [DONE]")
+                        good = response.status == 200 and reply.rstrip().endswith(phase.api.stream_end)
                     else:
                         reply = await response.read()
                         good = response.status == 200 and b'"usage"' in reply
@@ -325,8 +377,10 @@ class Target:
 async def measure(args: argparse.Namespace, targets: list[Target], upstream: subprocess.Popen[bytes],
                   proxy_core: int | None) -> tuple[list[Phase], int]:
     """The measured phases, and how many warm-up calls went through the gateway."""
-    plan = [("chat c=1", 1, False, args.requests), ("chat c=8", 8, False, args.requests),
-            ("stream c=1", 1, True, args.stream_requests)]
+    plan = [("chat c=1", 1, False, args.requests, CHAT), ("chat c=8", 8, False, args.requests, CHAT),
+            ("stream c=1", 1, True, args.stream_requests, CHAT),
+            ("responses c=8", 8, False, args.requests, RESPONSES),
+            ("messages c=8", 8, False, args.requests, MESSAGES_API)]
     phases: list[Phase] = []
     timeout = aiohttp.ClientTimeout(total=30)
     sessions = {t.name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8), timeout=timeout)
@@ -336,20 +390,18 @@ async def measure(args: argparse.Namespace, targets: list[Target], upstream: sub
         for target in targets:  # warm-up: connections, key and spend caches, imports
             for stream in (False, True):
                 warm = Phase("warm-up", target.name, 8, stream)
-                await run_phase(sessions[target.name], target.url + "/chat/completions", target.headers, warm,
-                                args.warmup, args.max_seconds)
+                await run_phase(sessions[target.name], target.url, target.headers, warm, args.warmup, args.max_seconds)
                 warm_calls += (warm.ok + warm.errors) if target.name == "gateway" else 0
                 if warm.errors:
                     raise RuntimeError(f"warm-up against {target.name} failed {warm.errors} times: {warm.first_error}")
-        for name, concurrency, stream, count in plan:
+        for name, concurrency, stream, count, api in plan:
             for target in targets:
-                phase = Phase(name, target.name, concurrency, stream)
+                phase = Phase(name, target.name, concurrency, stream, api)
                 pid = target.process.pid if target.process else None
                 proxy_cpu = cpu_seconds(pid) if pid else 0.0
                 load_cpu = cpu_seconds(os.getpid()) + cpu_seconds(upstream.pid)
                 core_busy, window_start = core_busy_seconds(proxy_core), time.perf_counter()
-                await run_phase(sessions[target.name], target.url + "/chat/completions", target.headers, phase,
-                                count, args.max_seconds)
+                await run_phase(sessions[target.name], target.url, target.headers, phase, count, args.max_seconds)
                 if target.name == "gateway":
                     await asyncio.sleep(0.5)  # let the batched audit writes of this phase land in its CPU time
                 phase.load_core_cpu_s = cpu_seconds(os.getpid()) + cpu_seconds(upstream.pid) - load_cpu
@@ -373,6 +425,8 @@ OVERHEAD_ROWS = [  # label, phase, summary field; the last row is higher-is-bett
     ("chat c=1 p50 latency ms", "chat c=1", "p50_ms"), ("chat c=1 p99 latency ms", "chat c=1", "p99_ms"),
     ("chat c=8 p50 latency ms", "chat c=8", "p50_ms"), ("chat c=8 p99 latency ms", "chat c=8", "p99_ms"),
     ("stream c=1 TTFB p50 ms", "stream c=1", "ttfb_p50_ms"), ("stream c=1 total p50 ms", "stream c=1", "p50_ms"),
+    ("responses c=8 p50 latency ms", "responses c=8", "p50_ms"),
+    ("messages c=8 p50 latency ms", "messages c=8", "p50_ms"),
     ("chat c=8 requests/s", "chat c=8", "rps"),
 ]
 
@@ -427,6 +481,13 @@ def report(phases: list[Phase], peak_rss_kib: int, store: dict[str, int], gatewa
           f" (target >= {TARGET['rps_vs_bare']:.2f} x)"
           f"\n  median overhead at c=1: gateway {gw_over:.3f} ms = {gw_over / bare_over:.2f} x bare's"
           f" {bare_over:.3f} ms (target <= {TARGET['p50_overhead_vs_bare']:.1f} x)")
+    print("\nCPU per call, as a ratio to the bare proxy of this run (the rule: chat c=8 within 10 % of the "
+          "issue's start):")
+    for name in ("chat c=8", "responses c=8", "messages c=8", "stream c=1"):
+        gw_cpu = by[name, "gateway"]["gateway_cpu_ms_per_call"]
+        bare_cpu = by[name, "bare"]["gateway_cpu_ms_per_call"]
+        ratio = gw_cpu / max(bare_cpu, 1e-9)
+        print(f"  {name:<14} gateway {gw_cpu:.3f} ms, bare {bare_cpu:.3f} ms: {ratio:.2f} x bare")
     print(f"\ngateway peak memory (VmHWM): {peak_rss_kib / 1024:.1f} MiB")
     print(f"audit decision records: {store['records']} for {gateway_calls} gateway calls (incl. warm-up); "
           f"ledger spent {store['spent']} micro-USD (audit says {store['cost']}), still reserved {store['reserved']}")

@@ -19,41 +19,89 @@ from starlette.routing import Route
 from gateway.auth import bearer_token
 from gateway.endpoints import EndpointSpec
 from gateway.endpoints.chat import ChatCompletions
-from gateway.endpoints.checks import RequestLimits
-from gateway.errors import GatewayError, MethodNotAllowed, RouteNotFound, error_response
+from gateway.endpoints.checks import MAX_MODEL_CHARS, RequestLimits
+from gateway.endpoints.embeddings import Embeddings
+from gateway.endpoints.messages import CountTokens, Messages
+from gateway.endpoints.responses import Responses
+from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, RouteNotFound, error_response
 from gateway.pipeline import GovernedEndpoint
 from gateway.policy import DECISION, build_input
 from gateway.policy.embedded import PolicyEngineError
 from gateway.runtime import Runtime, build_runtime
 from gateway.settings import Settings
 from gateway.store import rfc3339, utcnow
-from gateway.types import CallFacts
+from gateway.stored_responses import StoredResponseEndpoint
+from gateway.types import CallFacts, Principal
 
 log = logging.getLogger("lockgate.app")
+ALIASES = "data.lockgate.aliases"
 
 
 def _runtime(request: Request) -> Runtime:
     return request.state.runtime  # type: ignore[no-any-return]
 
 
-async def list_models(request: Request) -> Response:
-    """The catalog models this caller's key may use, as the policy decides for each."""
-    runtime = _runtime(request)
+def _models_input(principal: Principal, model: str, now: str) -> dict[str, Any]:
+    facts = CallFacts(endpoint="models.list", model=model, stream=False, max_tokens=None, tools=(),
+                      message_count=0, metadata={}, input_tokens=0, output_tokens_max=0)
+    return build_input(principal, facts, 0, {}, now)
+
+
+def _aliases(runtime: Runtime, principal: Principal, now: str) -> dict[str, str]:
+    """The model aliases the policy offers (``data.lockgate.aliases``: alias -> catalog model), or none."""
+    try:
+        aliases = runtime.policy.engine.evaluate(ALIASES, _models_input(principal, "", now))
+    except PolicyEngineError:
+        log.exception("policy failed while reading %s; no aliases are listed", ALIASES)
+        return {}
+    if not isinstance(aliases, dict):
+        return {}
+    return {name: model for name, model in aliases.items() if isinstance(name, str) and isinstance(model, str)}
+
+
+def _model_entry(runtime: Runtime, principal: Principal, name: str, now: str) -> dict[str, Any] | None:
+    """``name`` (a catalog model or an alias) as /v1/models shows it, if the policy lets this key
+    use it and it routes to a model of the catalog."""
+    try:
+        decision = runtime.policy.engine.evaluate(DECISION, _models_input(principal, name, now))
+    except PolicyEngineError:
+        log.exception("policy failed while listing models; %s is not listed", name)
+        return None
+    if not isinstance(decision, dict) or decision.get("allow") is not True:
+        return None
+    route = decision.get("route")
+    routed = route.get("model") if isinstance(route, dict) else None
+    model = runtime.router.catalog.get(routed if isinstance(routed, str) else name)
+    if model is None:
+        return None
+    return {"id": name, "object": "model", "created": 0, "owned_by": model.provider}
+
+
+async def _principal(request: Request) -> Principal:
     headers = request.headers
-    principal = await runtime.keys.authenticate(bearer_token(headers.get("authorization"), headers.get("x-api-key")))
-    now = rfc3339(utcnow())
-    data = []
-    for model in runtime.router.catalog.values():
-        facts = CallFacts(endpoint="models.list", model=model.name, stream=False, max_tokens=None, tools=(),
-                          message_count=0, metadata={}, input_tokens=0, output_tokens_max=0)
-        try:
-            decision = runtime.policy.engine.evaluate(DECISION, build_input(principal, facts, 0, {}, now))
-        except PolicyEngineError:
-            log.exception("policy failed while listing models; %s is not listed", model.name)
-            continue
-        if isinstance(decision, dict) and decision.get("allow") is True:
-            data.append({"id": model.name, "object": "model", "created": 0, "owned_by": model.provider})
+    return await _runtime(request).keys.authenticate(bearer_token(headers.get("authorization"),
+                                                                  headers.get("x-api-key")))
+
+
+async def list_models(request: Request) -> Response:
+    """The catalog models and aliases this caller's key may use, as the policy decides for each."""
+    runtime, principal, now = _runtime(request), await _principal(request), rfc3339(utcnow())
+    names = dict.fromkeys([*runtime.router.catalog, *_aliases(runtime, principal, now)])
+    data = [entry for name in names if (entry := _model_entry(runtime, principal, name, now)) is not None]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """One model of ``list_models``; any other is a 404, whether it exists or this key may not use it."""
+    runtime, principal, now = _runtime(request), await _principal(request), rfc3339(utcnow())
+    name = request.path_params["model_id"]
+    entry = None
+    if name in runtime.router.catalog or name in _aliases(runtime, principal, now):
+        entry = _model_entry(runtime, principal, name, now)
+    if entry is None:
+        shown = name[:MAX_MODEL_CHARS] if name.isprintable() else "(unprintable)"
+        raise ModelNotFound(f"The model '{shown}' does not exist or you do not have access to it.", param="model")
+    return JSONResponse(entry)
 
 
 async def healthz(request: Request) -> Response:
@@ -100,6 +148,10 @@ def endpoint_specs(settings: Settings) -> tuple[EndpointSpec, ...]:
                            default_output_tokens=settings.default_output_tokens)
     return (
         ChatCompletions(limits),
+        Responses(limits),
+        Embeddings(limits),
+        Messages(limits),
+        CountTokens(limits),
     )
 
 
@@ -124,7 +176,9 @@ def create_app(settings: Settings, extra_span_processors: Sequence[SpanProcessor
     return Starlette(
         routes=[
             *governed,
+            Route("/v1/responses/{response_id}", StoredResponseEndpoint()),
             Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],

@@ -99,6 +99,11 @@ class BudgetLedgerStore:
     async def reserve(self, budgets: Sequence[Budget], amount_micro_usd: int, now: datetime) -> Reservation:
         if not budgets:
             return Reservation(rows=(), amount_micro_usd=0)
+        for budget in budgets:
+            if amount_micro_usd > budget.limit_micro_usd:
+                # It can never fit, so the store need not be asked; asked, PostgreSQL's BIGINT
+                # sum (spent + reserved + amount) could overflow for an amount near 2**63.
+                raise _exceeded(budget, amount_micro_usd)
         # Rows are always locked in one order, so two calls naming the same budgets in another
         # order cannot deadlock on PostgreSQL.
         budgets = sorted(budgets, key=lambda b: (b.scope, b.window))

@@ -4,6 +4,7 @@
     ├── InvalidRequest                400 invalid_request_error
     │   ├── ModelNotFound             404 invalid_request_error / model_not_found
     │   ├── RouteNotFound             404 invalid_request_error / not_found
+    │   ├── ResponseNotFound          404 invalid_request_error / response_not_found (not this key's)
     │   ├── MethodNotAllowed          405 invalid_request_error / method_not_allowed
     │   └── RequestTooLarge           413 invalid_request_error / request_too_large
     ├── AuthenticationFailed          401 invalid_request_error / invalid_api_key
@@ -18,7 +19,9 @@
     └── UpstreamError                 502 upstream_error      (the provider failed)
         ├── UpstreamAuthFailed        502 upstream_error / upstream_auth_failed (our provider key; not retried)
         ├── UpstreamRejected          400 invalid_request_error (the provider refused the request)
+        │   └── UpstreamNotFound      404 invalid_request_error / not_found (a stored response is gone)
         ├── UpstreamRateLimited       429 rate_limit_exceeded
+        │   └── UpstreamQuotaExceeded 429 insufficient_quota / upstream_quota_exceeded (our account; not retried)
         ├── UpstreamTimeout           504 upstream_error / upstream_timeout
         └── UpstreamUnavailable       502 upstream_error / upstream_unavailable
 
@@ -28,6 +31,7 @@ written for the caller and must never contain secrets; details for operators go 
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import orjson
@@ -70,6 +74,14 @@ class RouteNotFound(InvalidRequest):
     status = 404
     code = "not_found"
     default_message = "No such endpoint."
+
+
+class ResponseNotFound(InvalidRequest):
+    """A stored response (Responses API) that does not exist, or that another key made."""
+
+    status = 404
+    code = "response_not_found"
+    default_message = "No response with this id was found."
 
 
 class MethodNotAllowed(InvalidRequest):
@@ -139,14 +151,31 @@ class ClientClosed(GatewayError):
 
 
 class UpstreamError(GatewayError):
+    """A provider failed. ``billable_risk``: the request may have reached the provider, which may
+    have done (and billed) the work: such a failure is never retried, by the gateway or (told by
+    ``x-should-retry``) the SDK, and spend control charges it. Unless told, a subclass assumes
+    ``may_bill``."""
+
     status = 502
     type = "upstream_error"
+    may_bill: ClassVar[bool] = True
     default_message = "The model provider failed to answer."
+
+    def __init__(self, message: str | None = None, *, param: str | None = None,
+                 retry_after_s: float | None = None, billable_risk: bool | None = None) -> None:
+        super().__init__(message, param=param, retry_after_s=retry_after_s)
+        self.billable_risk = self.may_bill if billable_risk is None else billable_risk
+        self.provider_status: int | None = None  # the provider's HTTP status, when it answered with one
+
+    @property
+    def should_retry(self) -> bool:
+        return super().should_retry and not self.billable_risk
 
 
 class UpstreamAuthFailed(UpstreamError):
     code = "upstream_auth_failed"
     retryable = False
+    may_bill = False
     default_message = "The model provider refused the gateway's credentials."
 
 
@@ -154,14 +183,33 @@ class UpstreamRejected(UpstreamError):
     status = 400
     type = "invalid_request_error"
     retryable = False
+    may_bill = False
     default_message = "The model provider rejected the request."
+
+
+class UpstreamNotFound(UpstreamRejected):
+    """The provider no longer has a response it stored (deleted, expired, or never stored)."""
+
+    status = 404
+    code = "not_found"
+    default_message = "The model provider has no response with this id."
 
 
 class UpstreamRateLimited(UpstreamError):
     status = 429
     type = "rate_limit_exceeded"
     code = "rate_limit_exceeded"
+    may_bill = False
     default_message = "The model provider is rate limiting requests."
+
+
+class UpstreamQuotaExceeded(UpstreamRateLimited):
+    """The provider says the gateway's account has no quota left: no retry can help."""
+
+    type = "insufficient_quota"
+    code = "upstream_quota_exceeded"
+    retryable = False
+    default_message = "The model provider's quota for this gateway is exhausted."
 
 
 class UpstreamTimeout(UpstreamError):
@@ -202,7 +250,7 @@ def error_headers(exc: GatewayError) -> dict[str, str]:
         return {"x-should-retry": "false"}
     headers = {}
     if exc.retry_after_s is not None:
-        headers["retry-after"] = str(max(0, round(exc.retry_after_s)))
+        headers["retry-after"] = str(max(0, math.ceil(exc.retry_after_s)))  # whole seconds, never sooner
         headers["retry-after-ms"] = str(max(0, round(exc.retry_after_s * 1000)))
     return headers
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -49,6 +49,7 @@ from gateway.policy import DECISION, PolicyStage, build_input
 from gateway.routing import Router, RouteResult
 from gateway.sse import SSEResponse
 from gateway.store import rfc3339, utcnow
+from gateway.stored_responses import StoredResponses
 from gateway.types import CallFacts, CatalogModel, Decision, Principal, ReplyFacts, Usage
 
 log = logging.getLogger("lockgate.pipeline")
@@ -85,10 +86,15 @@ class Call:
         return {"lockgate-decision-id": self.decision_id, "lockgate-trace-id": self.trace_id}
 
 
+# Serves a call that is no model call (reading a stored response) once the pipeline has
+# authenticated its caller; the pipeline still traces and records it.
+Serve = Callable[[Request, Call], Awaitable[Response]]
+
+
 class Pipeline:
     def __init__(self, *, keys: KeyStore, policy: PolicyStage, approvals: ApprovalQueue,
                  ledger: BudgetLedgerStore, router: Router, audit: AuditWriter, tracer: Tracer,
-                 max_request_bytes: int, max_request_depth: int) -> None:
+                 max_request_bytes: int, max_request_depth: int, responses: StoredResponses) -> None:
         self.keys = keys
         self.policy = policy
         self.approvals = approvals
@@ -98,11 +104,17 @@ class Pipeline:
         self.tracer = tracer
         self.max_request_bytes = max_request_bytes
         self.max_request_depth = max_request_depth
+        self._decision_ids = random.Random()
+        self.responses = responses
 
-    async def handle(self, request: Request, spec: EndpointSpec) -> GovernedResponse:
-        # A decision id names a record; it is no secret, so the cheap generator OpenTelemetry
-        # uses for span ids will do (an os.urandom call per request showed in the profile).
-        decision_id = f"dec_{random.getrandbits(64):016x}"
+    async def handle(self, request: Request, spec: EndpointSpec, serve: Serve | None = None) -> GovernedResponse:
+        """Serve one call: through every stage, or, given ``serve``, authenticated and then served by
+        it (the routes of stored responses), traced and recorded all the same."""
+        # A decision id names a record; it is no secret, so a cheap generator will do (an
+        # os.urandom call per request showed in the profile). Our own, seeded once from the OS:
+        # whoever seeds the global one (a test framework, a library) must not make ids repeat,
+        # since a record whose id is taken is refused by the store.
+        decision_id = f"dec_{self._decision_ids.getrandbits(64):016x}"
         root = self.tracer.start_span(spec.operation, kind=SpanKind.SERVER, attributes={
             "gen_ai.operation.name": spec.operation, "lockgate.decision_id": decision_id,
             "lockgate.endpoint": spec.name})
@@ -110,7 +122,7 @@ class Pipeline:
         response: Response | SSEResponse
         try:
             with trace.use_span(root, end_on_exit=False):
-                response = await self._run(request, call)
+                response = await (self._run(request, call) if serve is None else self._serve(request, call, serve))
         except GatewayError as exc:
             response = self._refuse(call, exc)
         except asyncio.CancelledError:
@@ -137,6 +149,8 @@ class Pipeline:
         body = parse_json_body(raw, self.max_request_depth)                          # 2 describe
         facts = spec.describe(body)
         call.facts = facts
+        if facts.previous_response_id is not None:  # continues a stored response: only the caller's own
+            await self.responses.find(facts.previous_response_id, principal, param="previous_response_id")
         call.root.update_name(f"{spec.operation} {facts.model}")
         call.root.set_attribute("gen_ai.request.model", facts.model)
         decision = await self._decide(principal, facts, call)                        # 3 decide
@@ -146,8 +160,9 @@ class Pipeline:
             await self.approvals.hold(principal, models[0].name, raw, decision.approval,
                                       headers.get(APPROVAL_HEADER), call.now)
         upstream_body = spec.limit(body, decision.max_tokens)
-        call.reservation = await self.ledger.reserve(                                # 5 reserve
-            decision.budgets, self._worst_case(call, facts, decision, models), call.now)
+        if spec.billable:  # counting tokens costs nothing, so it neither holds nor needs budget
+            call.reservation = await self.ledger.reserve(                            # 5 reserve
+                decision.budgets, self._worst_case(call, facts, decision, models), call.now)
         if facts.stream:
             events = await self.router.stream(spec.name, models, upstream_body,       # 6 route + call
                                               call.root, call.route, (reader := spec.stream_reader(facts)).facts)
@@ -158,6 +173,14 @@ class Pipeline:
         await self._inspect(call.reply, call)                                        # 7 inspect
         self._end(call, status=200)                                                  # 8 settle, 9 record
         return Response(reply.body, media_type=reply.content_type, headers=call.headers())
+
+    async def _serve(self, request: Request, call: Call, serve: Serve) -> Response:
+        headers = request.headers
+        call.principal = await self.keys.authenticate(
+            bearer_token(headers.get("authorization"), headers.get("x-api-key")))
+        response = await serve(request, call)
+        self._end(call, status=response.status_code)
+        return response
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -214,8 +237,9 @@ class Pipeline:
         output_max = min(facts.output_tokens_max, decision.max_tokens or facts.output_tokens_max)
         worst = max(m.cost_micro_usd(facts.input_tokens, output_max) for m in models)
         if worst > MAX_MICRO_USD:
-            raise InvalidRequest("This call's worst-case cost is too large to account for; lower its "
-                                 "max_tokens or n.", param="max_tokens")
+            param = call.spec.output_param
+            raise InvalidRequest(f"This call's worst-case cost is too large to account for; lower its {param}.",
+                                 param=param)
         return worst
 
     async def _inspect(self, reply: ReplyFacts, call: Call) -> None:
@@ -292,6 +316,8 @@ class Pipeline:
     def _refuse(self, call: Call, exc: GatewayError) -> Response:
         response = call.spec.error_response(exc)
         response.headers.update(call.headers())
+        if isinstance(exc, MethodNotAllowed):
+            response.headers["allow"] = "POST"  # a 405 must say what is allowed (RFC 9110, 15.5.6)
         self._end(call, status=exc.status, error=exc)
         return response
 
@@ -301,7 +327,16 @@ class Pipeline:
             return
         call.ended = True
         self._settle(call)
+        if error is None and call.spec.keeps_responses:
+            self._keep_response(call)
         self._record(call, status=status, error=error)
+
+    def _keep_response(self, call: Call) -> None:
+        """Remember who made a response the provider keeps, and where (gateway/stored_responses.py);
+        queued before the decision record, so both are written in one transaction."""
+        reply, route, principal = call.reply, call.route, call.principal
+        if reply and reply.response_id and route and route.deployment and principal:
+            self.responses.keep(reply.response_id, principal.key_id, route.model.name, route.deployment, call.now)
 
     def _settle(self, call: Call) -> None:
         """Price the usage and hand the settlement to the audit writer, which writes it with the

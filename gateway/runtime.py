@@ -15,6 +15,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from adapters.anthropic import AnthropicProvider
+from adapters.azure_openai import AzureOpenAIProvider
 from adapters.mock import MockProvider
 from adapters.openai import OpenAIProvider
 from gateway.approvals import ApprovalQueue
@@ -27,9 +29,10 @@ from gateway.policy import PolicyStage
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.preflight import run_preflight
 from gateway.policy.source import default_policy_dir, load_policy_source
-from gateway.routing import Router
+from gateway.routing import Router, RoutingLimits
 from gateway.settings import Settings
 from gateway.store import DirectStatements, create_store_engine, create_tables
+from gateway.stored_responses import StoredResponses
 from gateway.types import Provider
 from gateway.upstream import UpstreamClient, build_http_client
 
@@ -122,13 +125,19 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     audit = AuditWriter(direct, settings.audit_flush_interval_s, settings.audit_batch_size)
     tracer_provider = build_tracer_provider(audit, extra_span_processors)
     tracer = tracer_provider.get_tracer("lockgate")
-    http = build_http_client(timeout_s=settings.upstream_timeout_s,
+    limits = RoutingLimits(
+        retries=settings.upstream_retries, first_byte_timeout_s=settings.upstream_first_byte_timeout_s,
+        idle_timeout_s=settings.upstream_idle_timeout_s, deadline_s=settings.upstream_deadline_s,
+        cooldown_failures=settings.upstream_cooldown_failures, cooldown_s=settings.upstream_cooldown_s)
+    # The router holds each attempt to its own limits; the transport's read timeout only backs them up.
+    http = build_http_client(timeout_s=max(limits.first_byte_timeout_s, limits.idle_timeout_s),
                              connect_timeout_s=settings.upstream_connect_timeout_s,
                              max_connections=settings.upstream_max_connections)
-    providers: dict[str, Provider] = {"openai": OpenAIProvider(http),
+    providers: dict[str, Provider] = {"openai": OpenAIProvider(http), "azure_openai": AzureOpenAIProvider(http),
+                                      "anthropic": AnthropicProvider(http, settings.default_output_tokens),
                                       "mock": MockProvider(settings.mock_stream_delay_s)}
     try:
-        router = Router(settings.models, providers, settings.secret, tracer, settings.upstream_retries)
+        router = Router(settings.models, providers, settings.secret, tracer, limits)
     except ValueError as exc:
         tracer_provider.shutdown()
         await http.aclose()
@@ -140,7 +149,7 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     ledger = BudgetLedgerStore(engine, direct, settings.spend_cache_ttl_s)
     pipeline = Pipeline(keys=keys, policy=policy, approvals=approvals, ledger=ledger, router=router,
                         audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes,
-                        max_request_depth=settings.max_request_depth)
+                        max_request_depth=settings.max_request_depth, responses=StoredResponses(engine, audit))
     audit.start()
     return Runtime(settings=settings, engine=engine, direct=direct, http=http,
                    tracer_provider=tracer_provider, audit=audit,

@@ -8,6 +8,7 @@ at start-up. This is the only module that reads the environment.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,29 @@ def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return number
 
     return parse
+
+
+def _above_zero(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        number = kind(value)
+        if not number > 0:
+            raise ValueError(f"must be more than zero, got {value!r}")
+        return number
+
+    return parse
+
+
+# JSON serialisers stop at 255 levels (orjson among them); the policy input, written into every
+# decision record, wraps the body's values a few levels deeper. A deeper limit would let a body
+# in that the audit cannot write.
+MAX_REQUEST_DEPTH = 128
+
+
+def _depth(value: Any) -> int:
+    depth = int(value)
+    if not 1 <= depth <= MAX_REQUEST_DEPTH:
+        raise ValueError(f"must be between 1 and {MAX_REQUEST_DEPTH}, got {value!r}")
+    return depth
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -103,6 +127,11 @@ def _models(value: Any) -> tuple[CatalogModel, ...]:
         first = deployments[0]
         for name in ("provider", "upstream_model", "base_url", "api_key_env", "api_version"):
             fields.setdefault(name, getattr(first, name))
+        for price in ("input_usd_per_mtok", "output_usd_per_mtok"):
+            value = fields.get(price, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                # Prices multiply token counts into the ledger's integers: they must be finite.
+                raise ValueError(f"model {entry.get('name')!r}: {price} must be a finite number >= 0, got {value!r}")
         try:
             models.append(CatalogModel(**fields, deployments=deployments))
         except TypeError as exc:
@@ -138,12 +167,28 @@ SETTINGS: tuple[Setting, ...] = (
             "({provider, upstream_model, base_url, api_key_env, api_version, weight, timeout_s}) takes what it "
             "leaves out from the model; JSON when set from the environment. See docs/providers.md.",
             _models),
-    Setting("upstream_timeout_s", 120.0, "Seconds to wait for a provider's answer (per attempt).",
-            _positive(float)),
     Setting("upstream_connect_timeout_s", 5.0, "Seconds to wait for a connection to a provider.",
-            _positive(float)),
-    Setting("upstream_retries", 1, "Extra attempts on the same model after a retryable provider error.",
-            _positive(int)),
+            _above_zero(float)),
+    Setting("upstream_first_byte_timeout_s", 120.0,
+            "Seconds an attempt waits for a provider's first byte: the whole answer of a plain call, the headers "
+            "and first event of a stream. A model's or deployment's `timeout_s` replaces it.", _above_zero(float)),
+    Setting("upstream_idle_timeout_s", 120.0,
+            "Longest silence between two events of a provider's stream; a stream silent for longer ends with "
+            "an error event.", _above_zero(float)),
+    Setting("upstream_deadline_s", 600.0,
+            "Seconds one call may spend at providers in all, from its first attempt: every attempt and retry "
+            "wait, and the whole of a stream, which ends with an error event when the deadline passes.",
+            _above_zero(float)),
+    Setting("upstream_retries", 1,
+            "Extra attempts on the same deployment after a failure the provider cannot have billed (a "
+            "connection that failed before the request was sent, 429, 408, 409, 502, 503, 529), waiting as "
+            "its Retry-After asks when that fits the deadline. A timeout, a 500 or a cut-off reply is never "
+            "retried.", _positive(int)),
+    Setting("upstream_cooldown_failures", 3,
+            "Consecutive provider failures after which a deployment is skipped for `upstream_cooldown_s` "
+            "(when every deployment of a call is cooling down, the one that failed least recently is still "
+            "tried). 0 never skips a deployment.", _positive(int)),
+    Setting("upstream_cooldown_s", 30.0, "Seconds a failing deployment is skipped.", _positive(float)),
     Setting("upstream_max_connections", 256, "Pooled connections to providers, in all.", _positive(int)),
     Setting("auth_cache_ttl_s", 5.0,
             "Seconds a verified key stays cached in memory; a revoked key is refused within this time.",
@@ -158,8 +203,8 @@ SETTINGS: tuple[Setting, ...] = (
             "a call's reservation is held until its settlement is written.", _positive(float)),
     Setting("audit_batch_size", 512, "Buffered decision records that trigger an immediate write.", _positive(int)),
     Setting("max_request_bytes", 4 * 1024 * 1024, "Largest request body accepted.", _positive(int)),
-    Setting("max_request_depth", 32, "Deepest nesting of JSON objects and arrays accepted in a request body.",
-            _positive(int)),
+    Setting("max_request_depth", 32, "Deepest nesting of JSON objects and arrays accepted in a request body "
+            f"(at most {MAX_REQUEST_DEPTH}).", _depth),
     Setting("max_choices", 8, "Largest `n` (choices per call) accepted.", _positive(int)),
     Setting("max_output_tokens", 262_144, "Largest `max_tokens` (or `max_completion_tokens`, "
             "`max_output_tokens`) accepted.", _positive(int)),

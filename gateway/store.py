@@ -103,6 +103,20 @@ class DecisionRecord(SQLModel, table=True):
     decision: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
+class StoredResponse(SQLModel, table=True):
+    """A response the provider keeps (Responses API): which key made it, on which deployment, so
+    ``GET``/``DELETE /v1/responses/{id}`` and ``previous_response_id`` reach it for that key only.
+    Written by the audit writer with the call's decision record (see gateway/stored_responses.py)."""
+
+    __tablename__ = "stored_responses"
+
+    id: str = Field(primary_key=True)  # the provider's response id
+    key_id: str
+    model: str  # the catalog model that made it
+    deployment: str  # that model's Deployment.label (provider, URL, upstream model; never a key)
+    created_at: datetime
+
+
 class SpanRecord(SQLModel, table=True):
     __tablename__ = "spans"
 

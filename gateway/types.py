@@ -88,6 +88,7 @@ class CallFacts:
     input_tokens: int
     output_tokens_max: int
     include_usage: bool = False  # the client asked for the usage chunk of a chat stream
+    previous_response_id: str | None = None  # a stored response the call continues: must be the caller's
 
 
 @dataclass(frozen=True, slots=True)

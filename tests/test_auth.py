@@ -142,7 +142,7 @@ def test_the_key_never_reaches_the_log_or_the_audit(store_url: str, tmp_path: Pa
         list(sdk.chat.completions.create(model="fast", stream=True, messages=[{"role": "user", "content": "hi"}]))
         with pytest.raises(openai.PermissionDeniedError):  # denied by policy: support may not use mock-smart
             sdk.chat.completions.create(model="mock-smart", messages=[{"role": "user", "content": "x"}])
-        assert [m.id for m in sdk.models.list()] == ["mock-fast"]
+        assert [m.id for m in sdk.models.list()] == ["mock-fast", "fast"]  # and the policy's alias of it
         anthropic_style = httpx.post(server.v1 + "/chat/completions", headers={"x-api-key": key}, timeout=30,
                                      json={"model": "fast", "messages": [{"role": "user", "content": "hey"}]})
         assert anthropic_style.status_code == 200

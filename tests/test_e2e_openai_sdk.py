@@ -179,8 +179,9 @@ def test_models_lists_what_the_key_may_use(gateway: Gateway) -> None:
     research = client(gateway, gateway.create_key(team="research")).models.list()
     support = client(gateway, gateway.create_key(team="support", user="bo")).models.list()
 
-    assert sorted(m.id for m in research.data) == ["mock-fast", "mock-smart"]
-    assert [m.id for m in support.data] == ["mock-fast"]
+    # The catalog models, then the default policy's aliases of those the team may use.
+    assert [m.id for m in research.data] == ["mock-fast", "mock-smart", "fast", "smart"]
+    assert [m.id for m in support.data] == ["mock-fast", "fast"]
 
 
 def test_client_leaving_mid_stream_stops_the_call_and_is_recorded(store_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]

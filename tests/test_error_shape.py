@@ -75,6 +75,12 @@ CASES = [
     ("wrong method", "GET", "/v1/chat/completions", "research", None, 405, "invalid_request_error",
      "method_not_allowed"),
     ("models without key", "GET", "/v1/models", None, None, 401, "invalid_request_error", "invalid_api_key"),
+    ("model not allowed", "GET", "/v1/models/gpt-4o", "research", None, 404, "invalid_request_error",
+     "model_not_found"),
+    ("response of nobody", "GET", "/v1/responses/resp_nobody", "research", None, 404, "invalid_request_error",
+     "response_not_found"),
+    ("response without key", "DELETE", "/v1/responses/resp_nobody", None, None, 401, "invalid_request_error",
+     "invalid_api_key"),
 ]
 
 
@@ -121,7 +127,8 @@ def test_every_route_is_tested() -> None:
     routes = {route.path for route in create_app(settings).routes}  # type: ignore[attr-defined]
     sources = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py") if p.name != Path(__file__).name)
     # A route counts as tested when a test names its path or calls it through the openai SDK.
-    sdk_calls = {"/v1/chat/completions": "chat.completions.create", "/v1/models": "models.list()"}
+    sdk_calls = {"/v1/chat/completions": "chat.completions.create", "/v1/models": "models.list()",
+                 "/v1/models/{model_id:path}": "models.retrieve(", "/v1/responses/{response_id}": "responses.retrieve("}
     untested = sorted(path for path in routes
                       if f'"{path}' not in sources and (path not in sdk_calls or sdk_calls[path] not in sources))
     assert not untested, f"routes without a test: {untested}"

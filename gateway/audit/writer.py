@@ -19,17 +19,18 @@ from collections import deque
 from typing import Any
 
 from gateway.budgets import Reservation, settlement, settlement_statement
-from gateway.store import DecisionRecord, DirectStatements, SpanRecord
+from gateway.store import DecisionRecord, DirectStatements, SpanRecord, StoredResponse
 
 log = logging.getLogger("lockgate.audit")
 
-_TABLES = {"decision": DecisionRecord.__table__, "span": SpanRecord.__table__}  # type: ignore[attr-defined]
+_TABLES = {"decision": DecisionRecord.__table__, "span": SpanRecord.__table__,  # type: ignore[attr-defined]
+           "response": StoredResponse.__table__}  # type: ignore[attr-defined]
 # Calls per transaction. A reservation on SQLite waits for the transaction under way (one
 # connection runs both), and one call's rows cost ~30 us of SQLite's time on the bench machine:
 # 64 calls keep that wait near 2 ms. A flush writes as many transactions as it needs.
 CALLS_PER_TRANSACTION = 64
 
-Item = tuple[str, dict[str, Any]]  # ("decision" | "span" | "settlement", row)
+Item = tuple[str, dict[str, Any]]  # ("decision" | "span" | "response" | "settlement", row)
 
 
 class AuditWriter:
@@ -62,6 +63,11 @@ class AuditWriter:
         """Replace a reservation by the actual cost, in the transaction that writes the call's
         record: the caller queues its decision record right after, with no await between."""
         self._pending.extend(("settlement", row) for row in settlement(reservation, actual_micro_usd))
+
+    def add_stored_response(self, row: StoredResponse) -> None:
+        """Who made a response the provider keeps; queued before the call's decision record, so
+        both land in one transaction."""
+        self._pending.append(("response", row.model_dump()))
 
     def add_span(self, row: dict[str, Any]) -> None:
         self._pending.append(("span", row))
@@ -119,7 +125,7 @@ class AuditWriter:
     async def _write(self, items: list[Item]) -> None:
         """One transaction; the settlements last, so PostgreSQL holds their ledger rows' locks
         (which reserving calls wait for) only for the end of it."""
-        rows: dict[str, list[dict[str, Any]]] = {"decision": [], "span": [], "settlement": []}
+        rows: dict[str, list[dict[str, Any]]] = {"decision": [], "span": [], "response": [], "settlement": []}
         for kind, row in items:
             rows[kind].append(row)
         statements = [self._direct.insert(table, rows[kind]) for kind, table in _TABLES.items()]

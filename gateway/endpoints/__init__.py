@@ -49,7 +49,9 @@ class EndpointSpec:
     name: ClassVar[str]  # "chat.completions": the decision record's and the policy input's endpoint
     operation: ClassVar[str]  # gen_ai.operation.name of its spans
     path: ClassVar[str]
+    output_param: ClassVar[str] = "max_tokens"  # the field that caps output, named in errors about it
     billable: ClassVar[bool] = True  # False for calls no provider charges (counting tokens)
+    keeps_responses: ClassVar[bool] = False  # the provider stores replies under an id (gateway/stored_responses.py)
 
     def describe(self, body: Mapping[str, Any]) -> CallFacts:
         raise NotImplementedError

@@ -9,6 +9,14 @@ import orjson
 
 from gateway.endpoints import EndpointSpec, StreamReader
 from gateway.endpoints.checks import (
+    ARRAY,
+    BOOLEAN,
+    INTEGER,
+    NUMBER,
+    OBJECT,
+    STRING,
+    STRING_OR_ARRAY,
+    Kind,
     RequestLimits,
     boolean,
     estimate_tokens,
@@ -17,14 +25,27 @@ from gateway.endpoints.checks import (
     optional_array,
     optional_object,
     positive_int,
+    string_map,
     text_chars,
     tool_name,
+    typed_fields,
 )
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.sse import event_data
 from gateway.types import CallFacts, ReplyFacts, Usage
 
 MAX_TOKENS_REPORTED = 2**31 - 1  # what the audit's token columns hold; no real call comes near it
+# The output caps a chat request may name: a provider honours one or the other, so the gateway
+# reads, reserves for and limits both.
+OUTPUT_CAPS = ("max_completion_tokens", "max_tokens")
+# Fields the gateway passes on unread, checked for their JSON type only (see ``typed_fields``).
+PASSED_ON: dict[str, Kind] = {
+    "temperature": NUMBER, "top_p": NUMBER, "presence_penalty": NUMBER, "frequency_penalty": NUMBER,
+    "seed": INTEGER, "top_logprobs": INTEGER, "logprobs": BOOLEAN, "parallel_tool_calls": BOOLEAN,
+    "store": BOOLEAN, "user": STRING, "service_tier": STRING, "reasoning_effort": STRING, "verbosity": STRING,
+    "prompt_cache_key": STRING, "safety_identifier": STRING, "stop": STRING_OR_ARRAY, "response_format": OBJECT,
+    "logit_bias": OBJECT, "prediction": OBJECT, "audio": OBJECT, "web_search_options": OBJECT, "modalities": ARRAY,
+}
 
 
 def token_count(value: Any) -> int:
@@ -80,9 +101,30 @@ def chat_tool_names(body: Mapping[str, Any]) -> tuple[str, ...]:
             pass  # names a subset of ``tools``, which are read above
         else:
             raise InvalidRequest("'tool_choice' has an unknown type.", param="tool_choice.type")
-    elif tool_choice is not None and not isinstance(tool_choice, str):
-        raise InvalidRequest("'tool_choice' must be a string or an object.", param="tool_choice")
+    elif tool_choice is not None and tool_choice not in ("none", "auto", "required"):
+        raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required' or an object.", param="tool_choice")
     return tuple(dict.fromkeys(names))  # each name once, in the order first named
+
+
+def tool_call_chars(calls: Any, param: str) -> int:
+    """Characters of the tool calls an assistant message made earlier in the conversation: the
+    names and arguments are input the provider charges for, like the content."""
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"'{param}' must be an array.", param=param)
+    chars = 0
+    for index, call in enumerate(calls):
+        where = f"{param}[{index}]"
+        kind = call.get("type", "function") if isinstance(call, dict) else None
+        if kind not in ("function", "custom"):
+            raise InvalidRequest(f"'{where}' must be an object of type 'function' or 'custom'.", param=where)
+        spec = call.get(kind)
+        if not isinstance(spec, dict):
+            raise InvalidRequest(f"'{where}.{kind}' must be an object.", param=f"{where}.{kind}")
+        for field in ("name", "arguments", "input"):
+            value = spec.get(field)
+            if isinstance(value, str):
+                chars += len(value)
+    return chars
 
 
 class ChatCompletions(EndpointSpec):
@@ -104,14 +146,21 @@ class ChatCompletions(EndpointSpec):
                 raise InvalidRequest(f"messages[{index}] must be an object with a 'role'.", param=f"messages[{index}]")
             c, m = text_chars(message.get("content"), f"messages[{index}].content")
             chars, media = chars + c, media + m
+            if message.get("tool_calls") is not None:
+                chars += tool_call_chars(message["tool_calls"], f"messages[{index}].tool_calls")
         stream = boolean(body, "stream")
         stream_options = optional_object(body, "stream_options")
-        include_usage = boolean(stream_options, "include_usage")
+        if stream_options and not stream:
+            # OpenAI and vLLM refuse it too; the gateway says so before the call costs anything.
+            raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+        include_usage = boolean(stream_options, "include_usage", param="stream_options.include_usage")
         tools = chat_tool_names(body)
-        metadata = optional_object(body, "metadata")
+        metadata = string_map(body, "metadata")
         ceiling = self.limits.max_output_tokens
-        max_tokens = positive_int(body, "max_completion_tokens", ceiling) or positive_int(body, "max_tokens", ceiling)
+        max_tokens = max(positive_int(body, "max_completion_tokens", ceiling) or 0,
+                         positive_int(body, "max_tokens", ceiling) or 0) or None
         choices = positive_int(body, "n", self.limits.max_choices) or 1
+        typed_fields(body, PASSED_ON)
         tool_chars = json_chars(body.get("tools")) + json_chars(body.get("functions"))
         return CallFacts(
             endpoint=self.name,
@@ -130,9 +179,9 @@ class ChatCompletions(EndpointSpec):
         if max_tokens is None:
             return body
         limited = dict(body)
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        current = body.get(key)
-        limited[key] = min(current, max_tokens) if isinstance(current, int) else max_tokens
+        for key in [cap for cap in OUTPUT_CAPS if body.get(cap) is not None] or ["max_tokens"]:
+            current = body.get(key)
+            limited[key] = min(current, max_tokens) if isinstance(current, int) else max_tokens
         return limited
 
     def read_reply(self, content: bytes) -> ReplyFacts:

@@ -21,6 +21,10 @@ TOKENS_PER_MESSAGE = 4
 # A non-text input part (image, audio, file) is estimated at this many tokens until the
 # estimate learns each kind (spend control's issue): conservative for a typical image.
 TOKENS_PER_MEDIA_PART = 1_600
+# OpenAI's limits on ``metadata`` (https://platform.openai.com/docs/api-reference/chat/create).
+METADATA_PAIRS = 16
+METADATA_KEY_CHARS = 64
+METADATA_VALUE_CHARS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +76,14 @@ def model_name(body: Mapping[str, Any]) -> str:
     return model
 
 
-def boolean(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
+def boolean(body: Mapping[str, Any], name: str, default: bool = False, *, param: str | None = None) -> bool:
+    """``body[name]`` as a boolean; ``param`` names it in the error when it sits deeper than the top."""
     value = body.get(name, default)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be a boolean.", param=name)
+        param = param or name
+        raise InvalidRequest(f"'{param}' must be a boolean.", param=param)
     return value
 
 
@@ -110,6 +116,54 @@ def optional_array(body: Mapping[str, Any], name: str) -> list[Any]:
     return value
 
 
+def string_map(body: Mapping[str, Any], name: str, *, pairs: int = METADATA_PAIRS) -> dict[str, str]:
+    """OpenAI's ``metadata``: at most ``pairs`` string keys of at most 64 characters, each with a
+    string value of at most 512. It reaches the policy input and every decision record, so
+    anything else (deep, huge, or not a string) is a 400 here rather than a surprise there."""
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{name}' must be an object.", param=name)
+    if len(value) > pairs:
+        raise InvalidRequest(f"'{name}' may hold at most {pairs} key-value pairs.", param=name)
+    for key, item in value.items():
+        if len(key) > METADATA_KEY_CHARS:
+            raise InvalidRequest(f"Each key of '{name}' must be at most {METADATA_KEY_CHARS} characters.", param=name)
+        if not isinstance(item, str) or len(item) > METADATA_VALUE_CHARS:
+            raise InvalidRequest(f"Each value of '{name}' must be a string of at most {METADATA_VALUE_CHARS} "
+                                 "characters.", param=name)
+    return value
+
+
+# The JSON types of ``typed_fields``: what the error says, and the Python types orjson gives.
+# A boolean is not a number here, although Python's bool is an int.
+Kind = tuple[str, tuple[type, ...]]
+NUMBER: Kind = ("a number", (int, float))
+INTEGER: Kind = ("an integer", (int,))
+STRING: Kind = ("a string", (str,))
+BOOLEAN: Kind = ("a boolean", (bool,))
+OBJECT: Kind = ("an object", (dict,))
+ARRAY: Kind = ("an array", (list,))
+STRING_OR_ARRAY: Kind = ("a string or an array", (str, list))
+
+
+def typed_fields(body: Mapping[str, Any], fields: Mapping[str, Kind]) -> None:
+    """Each named field, when present and not null, has its JSON type, or a 400 naming it.
+
+    For fields the gateway passes on unread whose wrong type some providers answer with a 500
+    (which the gateway would retry and report as the provider's failure): one lookup per field
+    the body names.
+    """
+    for name, value in body.items():  # a body names a few fields; the table lists many
+        kind = fields.get(name)
+        if kind is None or value is None:
+            continue
+        what, types = kind
+        if not isinstance(value, types) or (value.__class__ is bool and bool not in types):
+            raise InvalidRequest(f"'{name}' must be {what}.", param=name)
+
+
 def tool_name(value: Any, param: str) -> str:
     """A tool's name, which policies match on: a non-empty printable string, or a 400."""
     if not isinstance(value, str) or not value or len(value) > MAX_MODEL_CHARS or not value.isprintable():
@@ -120,7 +174,8 @@ def tool_name(value: Any, param: str) -> str:
 
 def text_chars(content: Any, param: str) -> tuple[int, int]:
     """(characters of text, non-text parts) of a message's content: a string, null, or an array of
-    parts, each an object with a string ``type``; a text part's ``text`` must be a string."""
+    parts, each an object with a string ``type``; a text part's ``text`` (and a refusal part's
+    ``refusal``) must be a string."""
     if content is None:
         return 0, 0
     if isinstance(content, str):
@@ -129,19 +184,26 @@ def text_chars(content: Any, param: str) -> tuple[int, int]:
         raise InvalidRequest(f"'{param}' must be a string or an array of content parts.", param=param)
     chars = media = 0
     for index, part in enumerate(content):
-        where = f"{param}[{index}]"
         if isinstance(part, str):
             # Not a content part of any API: a common mistake the provider would refuse anyway.
-            raise InvalidRequest(f"'{where}' must be a content part object, not a string.", param=where)
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise InvalidRequest(f"'{where}' must be an object with a string 'type'.", param=where)
-        if "text" in part:
-            text = part["text"]
+            raise InvalidRequest(f"'{param}[{index}]' must be a content part object, not a string.",
+                                 param=f"{param}[{index}]")
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"'{param}[{index}]' must be an object with a string 'type'.",
+                                 param=f"{param}[{index}]")
+        if kind == "text" or "text" in part:
+            text = part.get("text")
             if not isinstance(text, str):
-                raise InvalidRequest(f"'{where}.text' must be a string.", param=f"{where}.text")
+                where = f"{param}[{index}].text"
+                raise InvalidRequest(f"'{where}' must be a string.", param=where)
             chars += len(text)
-        elif part["type"] in ("refusal",):
-            chars += len(str(part.get("refusal") or ""))
+        elif kind == "refusal":
+            refusal = part.get("refusal")
+            if not isinstance(refusal, str):
+                where = f"{param}[{index}].refusal"
+                raise InvalidRequest(f"'{where}' must be a string.", param=where)
+            chars += len(refusal)
         else:
             media += 1
     return chars, media

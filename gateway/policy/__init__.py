@@ -7,6 +7,7 @@ shape, denies the call (fail closed).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ DECISION = "data.lockgate.decision"
 RESPONSE_DECISION = "data.lockgate.response_decision"
 
 MICRO = 1_000_000
+MAX_LIMIT_MICRO_USD = 2**62  # $4.6e12: any real budget, with room for spent + reserved + amount in 64 bits
 
 
 def build_input(principal: Principal, facts: CallFacts, cost_micro_usd_max: int,
@@ -73,10 +75,13 @@ def _budget(entry: Any) -> Budget:
         raise PolicyEngineError("each budget needs a scope and a window of day, month or total")
     if isinstance(entry.get("limit_micro_usd"), int):
         limit = entry["limit_micro_usd"]
-    elif isinstance(entry.get("limit_usd"), (int, float)):
+    elif isinstance(entry.get("limit_usd"), (int, float)) and math.isfinite(entry["limit_usd"]):
         limit = round(entry["limit_usd"] * MICRO)
     else:
         raise PolicyEngineError(f"budget {scope} needs limit_usd or limit_micro_usd")
+    if not 0 <= limit <= MAX_LIMIT_MICRO_USD:
+        # spent + reserved + amount must fit the ledger's BIGINT columns, whatever the policy says.
+        raise PolicyEngineError(f"budget {scope}: its limit must be between 0 and {MAX_LIMIT_MICRO_USD} micro-dollars")
     return Budget(scope=scope, window=window, limit_micro_usd=limit)
 
 

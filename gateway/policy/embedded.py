@@ -67,11 +67,16 @@ class EmbeddedEngine:
         return entrypoint in self._rules
 
     def evaluate(self, entrypoint: str, policy_input: Mapping[str, Any]) -> Any:
+        """A rule's value, or a data document's (``data.lockgate.aliases``): None when undefined."""
         if threading.get_ident() != self._thread:
             raise PolicyEngineError("the embedded engine was called from a thread other than its own")
         try:
             self._engine.set_input(dict(policy_input))
-            return self._engine.eval_rule(entrypoint)
+            if entrypoint in self._rules:
+                return self._engine.eval_rule(entrypoint)
+            # regorus evaluates only rules by path; a document of data.json takes a query.
+            results = self._engine.eval_query(entrypoint).get("result") or [{}]
+            return (results[0].get("expressions") or [{}])[0].get("value")
         except BaseException as exc:  # regorus panics derive from BaseException
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise

@@ -1,4 +1,5 @@
-"""A loopback stand-in for OpenAI's chat-completions API, speaking its real wire format.
+"""A loopback stand-in for OpenAI's chat-completions API (and its Responses API and embeddings,
+tests/fakes/openai_responses.py), speaking its real wire format.
 
 Each test scripts what the fake answers, one cassette per request, in order::
 
@@ -23,12 +24,15 @@ import contextlib
 import json
 import socket
 import threading
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import h11
+
+from tests.fakes.openai_responses import ResponseAnswer, embeddings
 
 CREATED = 1767225600  # a fixed clock: 2026-01-01T00:00:00Z
 GATE_TIMEOUT_S = 10.0  # a held stream gives up waiting after this long, so no test can hang on it
@@ -168,9 +172,13 @@ class Error:
     code: str | None = None
     param: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    echo_header: str | None = None  # quote this request header in the message, as careless providers do
 
-    def body(self) -> bytes:
-        return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
+    def body(self, request: RecordedRequest | None = None) -> bytes:
+        message = self.message
+        if self.echo_header and request is not None:
+            message += f" (received {self.echo_header}: {request.headers.get(self.echo_header, '')})"
+        return json.dumps({"error": {"message": message, "type": self.type, "param": self.param,
                                      "code": self.code}}, indent=2).encode()
 
 
@@ -196,7 +204,17 @@ class Raw:
     content_type: str = "application/json"
 
 
-Cassette = Reply | Error | Delay | Drop | Raw
+@dataclass(frozen=True)
+class Trickle:
+    """A stream that never ends: a chunk of content every ``interval_s``, each a valid event, until
+    the client leaves (or ``limit_s`` passes, when it ends properly, so a gateway that lets it
+    run shows up as a test that fails, never one that hangs)."""
+
+    interval_s: float = 0.02
+    limit_s: float = 20.0
+
+
+Cassette = Reply | Error | Delay | Drop | Raw | Trickle
 
 
 def reply(content: str | None = "Hello from the fake provider.", **options: Any) -> Reply:
@@ -210,10 +228,11 @@ def tool_reply(*names: str, content: str | None = None, **options: Any) -> Reply
 
 
 def error(status: int, message: str | None = None, *, type: str | None = None, code: str | None = None,
-          param: str | None = None, headers: tuple[tuple[str, str], ...] = ()) -> Error:
+          param: str | None = None, headers: tuple[tuple[str, str], ...] = (), echo_header: str | None = None) -> Error:
     default_message, default_type, default_code = DEFAULT_ERRORS.get(status, ("Error.", "server_error", None))
     return Error(status=status, message=message or default_message, type=type or default_type,
-                 code=code if code is not None else default_code, param=param, headers=headers)
+                 code=code if code is not None else default_code, param=param, headers=headers,
+                 echo_header=echo_header)
 
 
 def delay(seconds: float, then: Reply | Error | None = None) -> Delay:
@@ -222,6 +241,10 @@ def delay(seconds: float, then: Reply | Error | None = None) -> Delay:
 
 def drop() -> Drop:
     return Drop()
+
+
+def trickle(interval_s: float = 0.02, limit_s: float = 20.0) -> Trickle:
+    return Trickle(interval_s, limit_s)
 
 
 def raw(status: int, body: bytes, content_type: str = "application/json") -> Raw:
@@ -252,11 +275,35 @@ class RecordedRequest:
     def stream(self) -> bool:
         return self.body.get("stream") is True
 
+    @property
+    def api(self) -> str:
+        """The API called, by the end of the path: "chat", "responses", "embeddings", "response"
+        (one stored response, by id), or "" for any other path."""
+        path = self.path.split("?", 1)[0]
+        for suffix, api in API_SUFFIXES:
+            if path.endswith(suffix):
+                return api
+        before, _, last = path.rpartition("/")
+        return "response" if before.endswith("/responses") and last else ""
+
+
+API_SUFFIXES = (("/chat/completions", "chat"), ("/responses", "responses"), ("/embeddings", "embeddings"))
+ROUTES = {("POST", "chat"), ("POST", "responses"), ("POST", "embeddings"), ("GET", "response"),
+          ("DELETE", "response")}
+
 
 class FakeOpenAI:
-    """The fake provider. Use ``FakeOpenAI.running()``; ``url`` is the base URL (``.../v1``)."""
+    """The fake provider. Use ``FakeOpenAI.running()``; ``url`` is the base URL (``.../v1``).
 
-    def __init__(self) -> None:
+    It answers chat completions, the Responses API (tests/fakes/openai_responses.py) and
+    embeddings at any path under ``prefix`` that ends like OpenAI's (so Azure's
+    ``/openai/deployments/{name}/chat/completions`` and Gemini's ``/v1beta/openai/...`` work with
+    the matching prefix), and GET/DELETE ``.../responses/{id}`` from the responses it made.
+    """
+
+    def __init__(self, prefix: str = "/v1") -> None:
+        self.prefix = prefix
+        self._stored: dict[str, dict[str, Any]] = {}  # the responses it made, by id, unless store=false
         self._lock = threading.Lock()
         self._script: deque[Cassette] = deque()
         self._requests: list[RecordedRequest] = []
@@ -273,8 +320,8 @@ class FakeOpenAI:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls) -> Iterator[FakeOpenAI]:
-        fake = cls()
+    def running(cls, prefix: str = "/v1") -> Iterator[FakeOpenAI]:
+        fake = cls(prefix)
         fake.start()
         try:
             yield fake
@@ -283,7 +330,12 @@ class FakeOpenAI:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.root}{self.prefix}"
+
+    @property
+    def root(self) -> str:
+        """The server's address without the prefix."""
+        return f"http://127.0.0.1:{self.port}"
 
     def script(self, *cassettes: Cassette) -> None:
         with self._lock:
@@ -399,12 +451,27 @@ class FakeOpenAI:
         return request
 
     def _next(self, request: RecordedRequest) -> Cassette:
-        if (request.method, request.path) != ("POST", "/v1/chat/completions"):
+        if not request.path.startswith(self.prefix + "/") or (request.method, request.api) not in ROUTES:
             return Error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
+        if request.api == "response":
+            return self._stored_response(request)
         with self._lock:
             if self._script:
                 return self._script.popleft()
         return Error(500, "fake upstream: no cassette was scripted for this request", "server_error")
+
+    def _stored_response(self, request: RecordedRequest) -> Cassette:
+        """GET or DELETE of a response this fake made, as OpenAI answers them."""
+        response_id = request.path.split("?", 1)[0].rpartition("/")[2]
+        with self._lock:
+            stored = self._stored.get(response_id)
+            if stored is not None and request.method == "DELETE":
+                del self._stored[response_id]
+        if stored is None:
+            return Error(404, f"Response with id '{response_id}' not found.", "invalid_request_error")
+        if request.method == "DELETE":
+            return Raw(200, json.dumps({"id": response_id, "object": "response", "deleted": True}).encode())
+        return Raw(200, json.dumps(stored, indent=2).encode())
 
     # --- answers ------------------------------------------------------------------------------
 
@@ -419,9 +486,23 @@ class FakeOpenAI:
         if isinstance(cassette, Raw):
             return await self._whole(conn, writer, cassette.status, cassette.body, cassette.content_type, ())
         if isinstance(cassette, Error):
-            return await self._whole(conn, writer, cassette.status, cassette.body(), "application/json",
+            return await self._whole(conn, writer, cassette.status, cassette.body(request), "application/json",
                                      cassette.headers)
         model = str(request.model or "")
+        if isinstance(cassette, Trickle):
+            return await self._trickle(conn, reader, writer, cassette, model)
+        if request.api == "embeddings":
+            body = json.dumps(embeddings(cassette, request.body), indent=2).encode()
+            return await self._whole(conn, writer, 200, body, "application/json", ())
+        if request.api == "responses":
+            answer = ResponseAnswer(cassette, request.body, "resp_" + uuid.uuid4().hex + uuid.uuid4().hex[:16])
+            if request.body.get("store") is not False:
+                with self._lock:
+                    self._stored[answer.id] = answer.response()
+            if not request.stream:
+                return await self._whole(conn, writer, 200, json.dumps(answer.response(), indent=2).encode(),
+                                         "application/json", ())
+            return await self._stream(conn, writer, cassette, answer.events())
         if not request.stream:
             body = json.dumps(cassette.completion(model), indent=2).encode()
             return await self._whole(conn, writer, 200, body, "application/json", ())
@@ -488,6 +569,31 @@ class FakeOpenAI:
                     await asyncio.sleep(cassette.pause_s)  # let each piece leave as its own segment
         if not complete:
             return False  # close with the chunked body unfinished: a provider that died mid-reply
+        await self._send(conn, writer, h11.EndOfMessage())
+        return True
+
+    async def _trickle(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       cassette: Trickle, model: str) -> bool:
+        events = Reply("tick").events(model, include_usage=False)
+        opening, tick, ending = events[0], events[1], events[-2:]
+        await self._send(conn, writer, h11.Response(status_code=200, headers=[
+            ("content-type", "text/event-stream; charset=utf-8"), ("x-request-id", "req_fake")]))
+        sent = self._sending(bytearray())
+        loop = asyncio.get_running_loop()
+        until = loop.time() + cassette.limit_s
+        piece = opening
+        while loop.time() < until:
+            if reader.at_eof():  # the client left
+                return False
+            with self._lock:
+                sent += piece
+            await self._send(conn, writer, h11.Data(data=piece))
+            piece = tick
+            await asyncio.sleep(cassette.interval_s)
+        for piece in ending:
+            with self._lock:
+                sent += piece
+            await self._send(conn, writer, h11.Data(data=piece))
         await self._send(conn, writer, h11.EndOfMessage())
         return True
 
