@@ -5,8 +5,8 @@ A deployment's ``base_url`` is the server's root, as the ``anthropic`` SDK takes
 (``https://api.anthropic.com``, the default when it is empty); a trailing ``/v1`` is tolerated,
 so a URL copied from an OpenAI-style configuration works too. Requests go to
 ``{base_url}/v1/messages`` and ``{base_url}/v1/messages/count_tokens`` with ``x-api-key`` and
-``anthropic-version: 2023-06-01``. The client's own ``anthropic-version`` and
-``anthropic-beta`` headers are not passed on: the gateway speaks one version to the provider.
+``anthropic-version: 2023-06-01``. The client's own ``anthropic-version`` is not passed on (the
+gateway speaks one version to the provider); its ``anthropic-beta`` is, on Messages calls.
 
 A ``messages`` call goes upstream as it came (``model`` rewritten) and its reply or events
 come back untouched; the Messages endpoint spec reads usage from them.
@@ -58,6 +58,9 @@ class AnthropicProvider:
         headers = {"content-type": "application/json", "anthropic-version": API_VERSION}
         if call.api_key:
             headers["x-api-key"] = call.api_key
+        beta = call.headers.get("anthropic-beta")
+        if beta and call.endpoint != "chat.completions":  # a client of the Messages API opted into a beta
+            headers["anthropic-beta"] = beta
         return self._client.request(self._url(call), orjson.dumps(body), headers, stream=call.stream,
                                     timeout_s=call.deployment.timeout_s or call.model.timeout_s)
 

@@ -17,28 +17,16 @@ from typing import Any
 import orjson
 
 from adapters.anthropic_translate import MESSAGES_ENDPOINTS, complete_messages_over_chat, stream_messages_over_chat
-from adapters.mock_openai import MOCK_OPENAI_ENDPOINTS, MockOpenAIEndpoints
+from adapters.mock_openai import MOCK_OPENAI_ENDPOINTS, MockOpenAIEndpoints, count_words, text_of
 from gateway.sse import DONE, sse_event
 from gateway.types import UpstreamCall, UpstreamReply, Usage
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
-    return ""
 
 
 def _last_user_text(messages: list[Mapping[str, Any]]) -> str:
     for message in reversed(messages):
         if message.get("role") == "user":
-            return _text(message.get("content"))
+            return text_of(message.get("content"))
     return ""
-
-
-def _count_tokens(text: str) -> int:
-    return max(1, len(text.split()))
 
 
 class _Reply:
@@ -60,15 +48,15 @@ class _Reply:
                               "function": {"name": name, "arguments": orjson.dumps({"input": said}).decode()}}
             self.content = None
             self.words: list[str] = []
-            output_tokens = _count_tokens(name + " " + said)
+            output_tokens = count_words(name + " " + said)
         else:
             if answered_tool:
-                said = "tool result " + _text(messages[-1].get("content"))
+                said = "tool result " + text_of(messages[-1].get("content"))
             self.content = f"Mock reply from {self.model}: {said}"
             self.words = self.content.split(" ")
-            output_tokens = _count_tokens(self.content)
+            output_tokens = count_words(self.content)
         self.finish_reason = "tool_calls" if self.tool_call else "stop"
-        input_tokens = sum(_count_tokens(_text(m.get("content"))) + 3 for m in messages)
+        input_tokens = sum(count_words(text_of(m.get("content"))) + 3 for m in messages)
         self.usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
 
     def usage_json(self) -> dict[str, int]:

@@ -68,11 +68,13 @@ class MockOpenAIEndpoints:
         self._keep(reply.response(final=True))
 
 
-def _words(text: str) -> int:
+def count_words(text: str) -> int:
+    """The mock's token count: one a word, at least one."""
     return max(1, len(text.split()))
 
 
-def _text(content: Any) -> str:
+def text_of(content: Any) -> str:
+    """The text of a message's ``content``: a string, or the ``text`` of its parts, space-joined."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -93,7 +95,7 @@ class MockResponse:
         self.model = call.deployment.upstream_model
         self.id = "resp_mock" + secrets.token_hex(20)  # unique, as the provider's: the gateway keeps each one
         self.created = int(time.time())
-        said = next((_text(i.get("content")) for i in reversed(items) if i.get("role") == "user"), "")
+        said = next((text_of(i.get("content")) for i in reversed(items) if i.get("role") == "user"), "")
         last = items[-1] if items else {}
         answered = last.get("type") == "function_call_output"
         functions = [t for t in body.get("tools") or [] if isinstance(t, Mapping) and t.get("type") == "function"]
@@ -105,17 +107,17 @@ class MockResponse:
             self.call = {"id": "fc_" + self.id[9:33], "type": "function_call", "status": "completed",
                          "call_id": "call_" + self.id[9:21], "name": name,
                          "arguments": orjson.dumps({"input": said}).decode()}
-            output_tokens = _words(name + " " + said)
+            output_tokens = count_words(name + " " + said)
         else:
             if answered:
-                said = "tool result " + _text(last.get("output"))
+                said = "tool result " + text_of(last.get("output"))
             self.words = f"Mock reply from {self.model}: {said}".split(" ")
             limit = body.get("max_output_tokens")
             if isinstance(limit, int) and 0 < limit < len(self.words):
                 self.words, self.incomplete = self.words[:limit], True
             output_tokens = len(self.words)
         self.text = " ".join(self.words)
-        self.input_tokens = sum(_words(_text(i.get("content") or i.get("output"))) + 3 for i in items)
+        self.input_tokens = sum(count_words(text_of(i.get("content") or i.get("output"))) + 3 for i in items)
         self.output_tokens = output_tokens
         self.message_id = "msg_" + self.id[9:33]
 
@@ -210,7 +212,7 @@ def mock_embeddings(call: UpstreamCall) -> UpstreamReply:
     data = []
     tokens = 0
     for index, item in enumerate(inputs):
-        tokens += _words(item) if isinstance(item, str) else len(item)
+        tokens += count_words(item) if isinstance(item, str) else len(item)
         vector = _vector(model, item, dimensions)
         embedding: Any = vector
         if body.get("encoding_format") == "base64":

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -163,12 +163,14 @@ class Pipeline:
         if spec.billable:  # counting tokens costs nothing, so it neither holds nor needs budget
             call.reservation = await self.ledger.reserve(                            # 5 reserve
                 decision.budgets, self._worst_case(call, facts, decision, models), call.now)
+        passed_on = forwarded_headers(headers, spec)
         if facts.stream:
             events = await self.router.stream(spec.name, models, upstream_body,       # 6 route + call
-                                              call.root, call.route, (reader := spec.stream_reader(facts)).facts)
+                                              call.root, call.route, (reader := spec.stream_reader(facts)).facts,
+                                              passed_on)
             return SSEResponse(self._relay(events, reader, call), headers=call.headers())
         reply, call.reply = await self.router.complete(spec.name, models, upstream_body, call.root, call.route,
-                                                       spec.read_reply)
+                                                       spec.read_reply, passed_on)
         call.usage = call.reply.usage
         await self._inspect(call.reply, call)                                        # 7 inspect
         self._end(call, status=200)                                                  # 8 settle, 9 record
@@ -393,6 +395,24 @@ class Pipeline:
             "policy_input": call.policy_input,
             "decision": call.raw_decision if isinstance(call.raw_decision, dict) else None,
         })
+
+
+_NOTHING: dict[str, str] = {}
+
+
+def forwarded_headers(headers: Mapping[str, str], spec: EndpointSpec) -> Mapping[str, str]:
+    """The client's headers the endpoint passes on, each a short printable value or a 400."""
+    if not spec.forwarded_headers:
+        return _NOTHING
+    passed: dict[str, str] = {}
+    for name in spec.forwarded_headers:
+        value = headers.get(name)
+        if value is None:
+            continue
+        if len(value) > 1024 or not value.isprintable():
+            raise InvalidRequest(f"The header '{name}' must be printable and at most 1024 characters.", param=name)
+        passed[name] = value
+    return passed
 
 
 class GovernedResponse:

@@ -54,6 +54,7 @@ from gateway.upstream import scrub_secrets
 log = logging.getLogger("lockgate.routing")
 
 T = TypeVar("T")
+_NO_HEADERS: Mapping[str, str] = {}
 RETRY_BACKOFF_S = 0.05  # before the first retry on a deployment; doubled for each further one
 # gen_ai.operation.name per endpoint (OpenTelemetry GenAI semantic conventions).
 _OPERATIONS = {"chat.completions": "chat", "responses": "chat", "messages": "chat", "embeddings": "embeddings",
@@ -184,9 +185,9 @@ class Router:
         return self._secret(deployment.api_key_env)
 
     def _call(self, endpoint: str, model: CatalogModel, deployment: Deployment, body: Mapping[str, Any],
-              stream: bool) -> UpstreamCall:
+              stream: bool, headers: Mapping[str, str]) -> UpstreamCall:
         return UpstreamCall(endpoint=endpoint, model=model, deployment=deployment, body=body,
-                            api_key=self.provider_key(deployment), stream=stream)
+                            api_key=self.provider_key(deployment), stream=stream, headers=headers)
 
     def _start_span(self, endpoint: str, model: CatalogModel, deployment: Deployment, parent: Span) -> Span:
         operation = _OPERATIONS.get(endpoint, "chat")
@@ -217,15 +218,17 @@ class Router:
         span.end()
 
     async def complete(self, endpoint: str, candidates: list[CatalogModel], body: Mapping[str, Any], parent: Span,
-                       route: RouteResult, read: Callable[[bytes], ReplyFacts]) -> tuple[UpstreamReply, ReplyFacts]:
-        """The first answer of the attempts, and what ``read`` (the endpoint spec) finds in it."""
+                       route: RouteResult, read: Callable[[bytes], ReplyFacts],
+                       headers: Mapping[str, str] = _NO_HEADERS) -> tuple[UpstreamReply, ReplyFacts]:
+        """The first answer of the attempts, and what ``read`` (the endpoint spec) finds in it.
+        ``headers`` are the client's headers the endpoint passes on (``anthropic-beta``)."""
         attempts = Attempts(self, endpoint, candidates, route)
         while (target := await attempts.next()) is not None:
             model, deployment = target
             span = self._start_span(endpoint, model, deployment, parent)
             try:
-                reply = await attempts.first_byte(
-                    self._providers[deployment.provider].complete(self._call(endpoint, model, deployment, body, False)))
+                upstream_call = self._call(endpoint, model, deployment, body, False, headers)
+                reply = await attempts.first_byte(self._providers[deployment.provider].complete(upstream_call))
                 completion = read(reply.body)
             except UpstreamError as exc:
                 attempts.failed(exc)
@@ -240,14 +243,16 @@ class Router:
         raise attempts.error()
 
     async def stream(self, endpoint: str, candidates: list[CatalogModel], body: Mapping[str, Any],
-                     parent: Span, route: RouteResult, summary: ReplyFacts) -> AsyncIterator[bytes]:
+                     parent: Span, route: RouteResult, summary: ReplyFacts,
+                     headers: Mapping[str, str] = _NO_HEADERS) -> AsyncIterator[bytes]:
         """Open the stream and wait for its first event (retrying up to there); return the events.
         ``summary`` is what the endpoint's stream reader fills in; the span reports it at the end."""
         attempts = Attempts(self, endpoint, candidates, route)
         while (target := await attempts.next()) is not None:
             model, deployment = target
             span = self._start_span(endpoint, model, deployment, parent)
-            events = self._providers[deployment.provider].stream(self._call(endpoint, model, deployment, body, True))
+            upstream_call = self._call(endpoint, model, deployment, body, True, headers)
+            events = self._providers[deployment.provider].stream(upstream_call)
             try:
                 try:
                     first = await attempts.first_byte(anext(events))

@@ -26,7 +26,6 @@ import dataclasses
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-import orjson
 from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,13 +35,12 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.audit.writer import AuditWriter
 from gateway.endpoints import EndpointSpec
-from gateway.endpoints.checks import MAX_MODEL_CHARS
+from gateway.endpoints.checks import MAX_MODEL_CHARS, parse_json_reply
 from gateway.errors import (
     InvalidRequest,
     MethodNotAllowed,
     ResponseNotFound,
     StoreUnavailable,
-    UpstreamError,
     UpstreamNotFound,
 )
 from gateway.routing import RouteResult
@@ -111,12 +109,7 @@ class StoredResponseSpec(EndpointSpec):
     billable = False
 
     def read_reply(self, content: bytes) -> ReplyFacts:
-        try:
-            reply = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            reply = None
-        if not isinstance(reply, dict):
-            raise UpstreamError("The model provider sent a reply that is not a JSON object.")
+        reply = parse_json_reply(content, "a JSON object")
         # Only what names the response: its tokens were counted and charged when it was made.
         return ReplyFacts(response_model=str(reply.get("model") or ""), response_id=str(reply.get("id") or ""))
 

@@ -154,6 +154,7 @@ class UpstreamCall:
     body: Mapping[str, Any]
     api_key: str
     stream: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)  # client headers the endpoint passes on
 
 
 @dataclass(slots=True)

@@ -7,8 +7,10 @@ skip when no server answers, unless LG_TEST_REQUIRE_POSTGRES=1 (set by .ci/run),
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,6 +49,21 @@ def free_port() -> int:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def write_policy(folder: Path, data: dict[str, Any] | None = None, **rego: str) -> Path:
+    """A policy folder for a gateway: the shipped policies/lockgate.rego, ``data`` as its
+    ``lockgate`` data (the shipped policies/data.json when None), and more rego files by name
+    (``review=REVIEW`` writes review.rego)."""
+    folder.mkdir()
+    shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
+    if data is None:
+        shutil.copy(ROOT / "policies" / "data.json", folder / "data.json")
+    else:
+        (folder / "data.json").write_text(json.dumps({"lockgate": data}))
+    for name, text in rego.items():
+        (folder / f"{name}.rego").write_text(text)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from gateway.settings import load_settings
-from tests.conftest import InProcessGateway, in_process
+from tests.conftest import InProcessGateway, in_process, write_policy
 from tests.fakes.openai_upstream import FakeOpenAI, Reply, reply
 
 AZURE_KEY = "0123456789abcdef0123456789abcdef"  # Azure's keys are 32 hex characters
@@ -46,13 +46,9 @@ def gateway(tmp_path: Path, azure: FakeOpenAI, gemini: FakeOpenAI) -> Iterator[I
         {"name": "gemini-flash", "provider": "openai", "base_url": gemini.url, "api_key_env": "GEMINI_API_KEY",
          "upstream_model": "gemini-2.5-flash", "input_usd_per_mtok": 0.3, "output_usd_per_mtok": 2.5},
     ]
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    (policy / "lockgate.rego").write_text((Path(__file__).resolve().parents[1] / "policies" / "lockgate.rego")
-                                          .read_text())
-    (policy / "data.json").write_text(json.dumps({"lockgate": {
+    policy = write_policy(tmp_path / "policy", {
         "aliases": {}, "fallbacks": {}, "approval_tools": {},
-        "teams": {"research": {"models": [m["name"] for m in models], "monthly_budget_usd": 100}}}}))
+        "teams": {"research": {"models": [m["name"] for m in models], "monthly_budget_usd": 100}}})
     settings = load_settings(environ={
         "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db", "LOCKGATE_POLICY_DIR": str(policy),
         "LOCKGATE_MODELS": json.dumps(models), "LOCKGATE_UPSTREAM_RETRIES": "0",

@@ -9,7 +9,6 @@ policy does not let team research use. Every test reads back the decision record
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, Gateway, start_gateway, stop_gateway
+from tests.conftest import Gateway, start_gateway, stop_gateway, write_policy
 from tests.fakes.anthropic_upstream import FakeAnthropic, count, error, message, tool_message
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.openai_upstream import reply as chat_reply
@@ -50,14 +49,10 @@ def gpt_upstream() -> Iterator[FakeOpenAI]:
         yield fake
 
 
-def write_policy(folder: Path) -> Path:
-    folder.mkdir()
-    shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
-    (folder / "data.json").write_text(json.dumps({"lockgate": {
-        "aliases": {}, "fallbacks": {}, "approval_tools": {},
-        "teams": {"research": {"models": ["claude", "gpt"], "monthly_budget_usd": 100}},
-    }}))
-    return folder
+POLICY_DATA: dict[str, Any] = {
+    "aliases": {}, "fallbacks": {}, "approval_tools": {},
+    "teams": {"research": {"models": ["claude", "gpt"], "monthly_budget_usd": 100}},
+}
 
 
 def catalog(claude: FakeAnthropic, gpt: FakeOpenAI) -> str:
@@ -81,7 +76,7 @@ def lockgate(store_url: str, tmp_path: Path, claude_upstream: FakeAnthropic, gpt
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
         monkeypatch.delenv(name, raising=False)  # the SDK must use only what a test gives it
     server = start_gateway(store_url, tmp_path, models=catalog(claude_upstream, gpt_upstream),
-                           policy_dir=str(write_policy(tmp_path / "policy")), upstream_retries="1")
+                           policy_dir=str(write_policy(tmp_path / "policy", POLICY_DATA)), upstream_retries="1")
     yield server
     stop_gateway(server)
 
@@ -470,11 +465,7 @@ response_decision := {"allow": true} if { not "delete_repo" in input.response.to
 def test_a_streamed_tool_use_the_response_policy_refuses_never_reaches_the_client(tmp_path: Path) -> None:
     """Held from its content_block_start until the policy has seen it, then replaced by an error
     event in Anthropic's shape (the mock, SQLite)."""
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    for name in ("lockgate.rego", "data.json"):
-        shutil.copy(ROOT / "policies" / name, policy / name)
-    (policy / "review.rego").write_text(REVIEW)
+    policy = write_policy(tmp_path / "policy", review=REVIEW)
     server = start_gateway(f"sqlite:///{tmp_path}/lockgate.db", tmp_path, policy_dir=str(policy))
     try:
         client = anthropic.Anthropic(base_url=server.base_url, api_key=server.create_key(), max_retries=0, timeout=30)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import ROOT, Gateway, start_gateway, stop_gateway
+from tests.conftest import Gateway, start_gateway, stop_gateway, write_policy
 from tests.fakes.openai_upstream import FakeOpenAI, Reply, reply, tool_reply
 
 PROVIDER_KEY = "sk-fake-openai-endpoints-0123456789"
@@ -32,16 +31,12 @@ def upstream() -> Iterator[FakeOpenAI]:
         yield fake
 
 
-def write_policy(folder: Path) -> Path:
-    folder.mkdir()
-    shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
-    (folder / "data.json").write_text(json.dumps({"lockgate": {
-        "aliases": {"gpt": "gpt-main", "vectors": "embed", "premium": "gpt-premium"}, "fallbacks": {},
-        "approval_tools": {},
-        "teams": {"research": {"models": ["gpt-main", "embed"], "monthly_budget_usd": 100},
-                  "support": {"models": ["gpt-main"], "monthly_budget_usd": 100}},
-    }}))
-    return folder
+POLICY_DATA: dict[str, Any] = {
+    "aliases": {"gpt": "gpt-main", "vectors": "embed", "premium": "gpt-premium"}, "fallbacks": {},
+    "approval_tools": {},
+    "teams": {"research": {"models": ["gpt-main", "embed"], "monthly_budget_usd": 100},
+              "support": {"models": ["gpt-main"], "monthly_budget_usd": 100}},
+}
 
 
 @pytest.fixture
@@ -57,7 +52,7 @@ def lockgate(store_url: str, tmp_path: Path, upstream: FakeOpenAI,
          "input_usd_per_mtok": EMBED_PRICES[0], "output_usd_per_mtok": EMBED_PRICES[1]},
     ]
     server = start_gateway(store_url, tmp_path, models=json.dumps(models), upstream_retries="0",
-                           policy_dir=str(write_policy(tmp_path / "policy")))
+                           policy_dir=str(write_policy(tmp_path / "policy", POLICY_DATA)))
     yield server
     stop_gateway(server)
 

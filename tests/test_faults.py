@@ -16,9 +16,9 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import Gateway, start_gateway, stop_gateway
+from tests.conftest import Gateway, start_gateway, stop_gateway, write_policy
 from tests.fakes.openai_upstream import FakeOpenAI, Gate, delay, error, reply, trickle
-from tests.test_routing import BACKUP, MESSAGES, PRIMARY, PROVIDER_KEY, catalog, record_of, route_of, write_policy
+from tests.test_routing import BACKUP, MESSAGES, POLICY_DATA, PRIMARY, PROVIDER_KEY, catalog, record_of, route_of
 
 ServeFaults = Callable[..., Gateway]  # start(**settings)
 
@@ -35,7 +35,7 @@ def serve(store_url: str, tmp_path: Path, upstream: FakeOpenAI,
     """The gateway in front of the fake: one retry per deployment, ``primary`` falls back to
     ``backup``, and timeouts of seconds unless a test sets its own."""
     monkeypatch.setenv("FAKE_OPENAI_KEY", PROVIDER_KEY)
-    policy = write_policy(tmp_path / "policy")
+    policy = write_policy(tmp_path / "policy", POLICY_DATA)
     started: list[Gateway] = []
 
     def start(**settings: str) -> Gateway:

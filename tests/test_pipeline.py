@@ -13,18 +13,14 @@ from gateway.endpoints.chat import ChatCompletions
 from gateway.endpoints.checks import RequestLimits
 from gateway.runtime import build_runtime
 from gateway.settings import load_settings
+from tests.conftest import write_policy
 from tests.fakes.openai_upstream import FakeOpenAI, delay, reply
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 async def test_a_call_cancelled_mid_flight_is_recorded_and_releases_its_reservation(tmp_path: Path) -> None:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "lockgate.rego").write_text((ROOT / "policies" / "lockgate.rego").read_text())
-    (policies / "data.json").write_text(json.dumps({"lockgate": {
+    policies = write_policy(tmp_path / "policies", {
         "aliases": {}, "fallbacks": {}, "approval_tools": {},
-        "teams": {"research": {"models": ["slow"], "monthly_budget_usd": 10}}}}))
+        "teams": {"research": {"models": ["slow"], "monthly_budget_usd": 10}}})
     with FakeOpenAI.running() as upstream:
         upstream.script(delay(5, reply("too late")))
         models = [{"name": "slow", "provider": "openai", "base_url": upstream.url,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from gateway.errors import UpstreamTimeout
 from gateway.routing import DeploymentHealth, Router, RoutingLimits, StreamWatch
 from gateway.settings import load_settings
 from gateway.types import CatalogModel, Deployment
-from tests.conftest import ROOT, Gateway, in_process, start_gateway, stop_gateway
+from tests.conftest import Gateway, in_process, start_gateway, stop_gateway, write_policy
 from tests.fakes.openai_upstream import FakeOpenAI, Gate, delay, error, reply, tool_reply
 
 PROVIDER_KEY = "sk-fake-provider-key-routing-0123456789"
@@ -58,16 +57,12 @@ def upstream() -> Iterator[FakeOpenAI]:
         yield fake
 
 
-def write_policy(folder: Path) -> Path:
-    folder.mkdir()
-    shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
-    (folder / "data.json").write_text(json.dumps({"lockgate": {
-        "aliases": {},
-        "fallbacks": {"primary": ["backup"]},
-        "teams": {"research": {"models": ["primary", "backup", "pooled", "lonely"], "monthly_budget_usd": 100}},
-        "approval_tools": {},
-    }}))
-    return folder
+POLICY_DATA: dict[str, Any] = {
+    "aliases": {},
+    "fallbacks": {"primary": ["backup"]},
+    "teams": {"research": {"models": ["primary", "backup", "pooled", "lonely"], "monthly_budget_usd": 100}},
+    "approval_tools": {},
+}
 
 
 def catalog(upstream: FakeOpenAI) -> str:
@@ -86,7 +81,7 @@ def catalog(upstream: FakeOpenAI) -> str:
 def serve(store_url: str, tmp_path: Path, upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serve]:
     """Start the gateway in front of the fake (retries 1, generous timeouts unless a test says)."""
     monkeypatch.setenv("FAKE_OPENAI_KEY", PROVIDER_KEY)  # start_gateway copies os.environ
-    policy = write_policy(tmp_path / "policy")
+    policy = write_policy(tmp_path / "policy", POLICY_DATA)
     started: list[Gateway] = []
 
     def start(**settings: str) -> Gateway:
@@ -471,7 +466,7 @@ def test_a_key_of_no_known_shape_is_removed_from_every_span(tmp_path: Path, upst
     exporter = InMemorySpanExporter()
     settings = load_settings(environ={
         "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db",
-        "LOCKGATE_POLICY_DIR": str(write_policy(tmp_path / "policy")),
+        "LOCKGATE_POLICY_DIR": str(write_policy(tmp_path / "policy", POLICY_DATA)),
         "LOCKGATE_MODELS": catalog(upstream), "FAKE_OPENAI_KEY": key})
 
     with in_process(settings, [SimpleSpanProcessor(exporter)]) as gateway:

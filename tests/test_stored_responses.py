@@ -4,7 +4,6 @@ reply the response policy withheld is not kept. In process, on the mock provider
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from sqlalchemy import select
 
 from gateway.settings import load_settings
 from gateway.store import StoredResponse
-from tests.conftest import ROOT, InProcessGateway, in_process
+from tests.conftest import InProcessGateway, in_process, write_policy
 
 REVIEW = """package lockgate
 
@@ -31,11 +30,7 @@ response_decision := {"allow": true} if { not "delete_repo" in input.response.to
 @pytest.fixture
 def gateway(store_url: str, tmp_path: Path) -> Iterator[InProcessGateway]:
     """Default policy plus a response review; the audit writer never flushes on its own."""
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    for name in ("lockgate.rego", "data.json"):
-        shutil.copy(ROOT / "policies" / name, policy / name)
-    (policy / "review.rego").write_text(REVIEW)
+    policy = write_policy(tmp_path / "policy", review=REVIEW)
     settings = load_settings(environ={"LOCKGATE_DATABASE_URL": store_url, "LOCKGATE_POLICY_DIR": str(policy),
                                       "LOCKGATE_AUDIT_FLUSH_INTERVAL_S": "3600"})
     with in_process(settings) as gateway:

@@ -3,7 +3,6 @@ response policy has seen the finished tool calls; what it refuses never reaches 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, Gateway, start_gateway, stop_gateway
+from tests.conftest import Gateway, start_gateway, stop_gateway, write_policy
 
 REVIEW = """package lockgate
 
@@ -32,11 +31,7 @@ def tool(name: str) -> dict[str, object]:
 @pytest.fixture
 def reviewing_gateway(tmp_path: Path) -> Iterator[Gateway]:
     """The default policy plus a response_decision that refuses calls of delete_repo; SQLite."""
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    for name in ("lockgate.rego", "data.json"):
-        shutil.copy(ROOT / "policies" / name, policy / name)
-    (policy / "review.rego").write_text(REVIEW)
+    policy = write_policy(tmp_path / "policy", review=REVIEW)
     server = start_gateway(f"sqlite:///{tmp_path}/lockgate.db", tmp_path, policy_dir=str(policy))
     yield server
     stop_gateway(server)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from starlette.responses import Response
 
+from gateway.endpoints.checks import RequestLimits
 from gateway.errors import GatewayError, error_body, error_response, sse_error_event
 from gateway.types import CallFacts, ReplyFacts
 
@@ -50,8 +51,14 @@ class EndpointSpec:
     operation: ClassVar[str]  # gen_ai.operation.name of its spans
     path: ClassVar[str]
     output_param: ClassVar[str] = "max_tokens"  # the field that caps output, named in errors about it
+    # Client headers passed on to a provider that speaks this endpoint's API natively (lower case).
+    forwarded_headers: ClassVar[tuple[str, ...]] = ()
     billable: ClassVar[bool] = True  # False for calls no provider charges (counting tokens)
     keeps_responses: ClassVar[bool] = False  # the provider stores replies under an id (gateway/stored_responses.py)
+
+    def __init__(self, limits: RequestLimits | None = None) -> None:
+        # The settings' request ceilings; a spec that reads no body (gateway/stored_responses.py) needs none.
+        self.limits = limits if limits is not None else RequestLimits()
 
     def describe(self, body: Mapping[str, Any]) -> CallFacts:
         raise NotImplementedError

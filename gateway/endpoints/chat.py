@@ -17,7 +17,6 @@ from gateway.endpoints.checks import (
     STRING,
     STRING_OR_ARRAY,
     Kind,
-    RequestLimits,
     boolean,
     estimate_tokens,
     json_chars,
@@ -131,9 +130,6 @@ class ChatCompletions(EndpointSpec):
     name = "chat.completions"
     operation = "chat"
     path = "/v1/chat/completions"
-
-    def __init__(self, limits: RequestLimits) -> None:
-        self.limits = limits
 
     def describe(self, body: Mapping[str, Any]) -> CallFacts:
         model = model_name(body)

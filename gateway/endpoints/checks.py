@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, UpstreamError
 
 MAX_MODEL_CHARS = 256
 # A rough, tokenizer-free estimate: about four characters per token, plus framing per message.
@@ -51,6 +51,17 @@ def parse_json_body(raw: bytes, max_depth: int) -> dict[str, Any]:
     if raw.count(b"{") + raw.count(b"[") > max_depth and _too_deep(body, max_depth):
         raise InvalidRequest(f"The request body is nested deeper than {max_depth} levels.")
     return body
+
+
+def parse_json_reply(content: bytes, what: str) -> dict[str, Any]:
+    """A provider's whole reply as a JSON object; an UpstreamError saying it is not ``what`` otherwise."""
+    try:
+        reply = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise UpstreamError(f"The model provider sent a reply that is not {what}.")
+    return reply
 
 
 def _too_deep(value: Any, limit: int) -> bool:

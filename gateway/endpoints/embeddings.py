@@ -13,7 +13,7 @@ import orjson
 
 from gateway.endpoints import EndpointSpec
 from gateway.endpoints.chat import read_usage
-from gateway.endpoints.checks import STRING, RequestLimits, estimate_tokens, model_name, positive_int, typed_fields
+from gateway.endpoints.checks import STRING, estimate_tokens, model_name, positive_int, typed_fields
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.types import CallFacts, ReplyFacts
 
@@ -67,9 +67,6 @@ class Embeddings(EndpointSpec):
     output_param = "input"
     operation = "embeddings"
     path = "/v1/embeddings"
-
-    def __init__(self, limits: RequestLimits) -> None:
-        self.limits = limits
 
     def describe(self, body: Mapping[str, Any]) -> CallFacts:
         model = model_name(body)

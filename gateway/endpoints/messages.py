@@ -2,8 +2,9 @@
 
 Errors are written in Anthropic's shape (``{"type": "error", "error": {"type", "message"}}``,
 and the named ``error`` event once a stream has started), which the ``anthropic`` SDKs raise as
-their own exception classes. The ``anthropic-version`` and ``anthropic-beta`` headers a client
-sends are accepted and not read: the adapter speaks one API version to the provider.
+their own exception classes. The ``anthropic-version`` header a client sends is accepted and not
+read (the adapter speaks one API version to the provider); ``anthropic-beta`` is passed on to a
+provider that speaks Messages natively.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import orjson
 from gateway.endpoints import EndpointSpec, StreamReader
 from gateway.endpoints.chat import token_count
 from gateway.endpoints.checks import (
-    RequestLimits,
     boolean,
     estimate_tokens,
     json_chars,
@@ -210,11 +210,9 @@ def anthropic_metadata(body: Mapping[str, Any]) -> dict[str, Any]:
 
 class Messages(EndpointSpec):
     name = "messages"
+    forwarded_headers = ("anthropic-beta",)  # opts into features such as prompt caching betas
     operation = "chat"
     path = "/v1/messages"
-
-    def __init__(self, limits: RequestLimits) -> None:
-        self.limits = limits
 
     def describe(self, body: Mapping[str, Any]) -> CallFacts:
         model = model_name(body)
@@ -340,12 +338,10 @@ class CountTokens(EndpointSpec):
     holds no tokens, since counting consumes none."""
 
     name = "messages.count_tokens"
+    forwarded_headers = ("anthropic-beta",)
     operation = "count_tokens"
     path = "/v1/messages/count_tokens"
     billable = False
-
-    def __init__(self, limits: RequestLimits) -> None:
-        self.limits = limits
 
     def describe(self, body: Mapping[str, Any]) -> CallFacts:
         model = model_name(body)

@@ -28,19 +28,19 @@ from gateway.endpoints.checks import (
     OBJECT,
     STRING,
     Kind,
-    RequestLimits,
     boolean,
     estimate_tokens,
     json_chars,
     model_name,
     optional_array,
+    parse_json_reply,
     positive_int,
     string_map,
     text_chars,
     tool_name,
     typed_fields,
 )
-from gateway.errors import GatewayError, InvalidRequest, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.sse import event_data, event_name, sse_event
 from gateway.types import CallFacts, ReplyFacts, Usage
 
@@ -186,9 +186,6 @@ class Responses(EndpointSpec):
     path = "/v1/responses"
     keeps_responses = True
 
-    def __init__(self, limits: RequestLimits) -> None:
-        self.limits = limits
-
     def describe(self, body: Mapping[str, Any]) -> CallFacts:
         model = model_name(body)
         chars, media, items = input_size(body.get("input"))
@@ -230,12 +227,7 @@ class Responses(EndpointSpec):
         return {**body, "max_output_tokens": min(current, max_tokens) if isinstance(current, int) else max_tokens}
 
     def read_reply(self, content: bytes) -> ReplyFacts:
-        try:
-            reply = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            reply = None
-        if not isinstance(reply, dict):
-            raise UpstreamError("The model provider sent a reply that is not a Responses API response.")
+        reply = parse_json_reply(content, "a Responses API response")
         facts = ReplyFacts()
         _read_response(reply, facts, final=True)
         output = reply.get("output")

@@ -10,32 +10,29 @@ answers in the mode the request asked for: a ``chat.completion`` object (indente
 sends it) or ``chat.completion.chunk`` server-sent events ending in ``data: [DONE]``, with the
 usage chunk (``choices: []``) only when ``stream_options.include_usage`` was set.
 
-It is a real HTTP/1.1 server (h11 over asyncio, in a thread with its own event loop) on a free
-127.0.0.1 port, so the gateway reaches it over TCP exactly as it reaches a provider: chunked
-bodies, keep-alive, connections dropped in the middle of a reply, and SSE events split across
-separate TCP writes at arbitrary byte boundaries. When the script runs out it answers 500, so
-an unexpected extra request shows up as a failure, never as a silent success.
+It is a real HTTP/1.1 server on a free 127.0.0.1 port (tests/fakes/loopback.py), so the gateway
+reaches it over TCP exactly as it reaches a provider: chunked bodies, keep-alive, connections
+dropped in the middle of a reply, and SSE events split across separate TCP writes at arbitrary
+byte boundaries. When the script runs out it answers 500, so an unexpected extra request shows
+up as a failure, never as a silent success.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
-import threading
 import uuid
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h11
 
+from tests.fakes import loopback
+from tests.fakes.loopback import Drop, LoopbackServer, StreamKnobs
+from tests.fakes.loopback import Gate as Gate  # tests hold a Reply's stream with it
 from tests.fakes.openai_responses import ResponseAnswer, embeddings
 
 CREATED = 1767225600  # a fixed clock: 2026-01-01T00:00:00Z
-GATE_TIMEOUT_S = 10.0  # a held stream gives up waiting after this long, so no test can hang on it
 
 DEFAULT_ERRORS: dict[int, tuple[str, str, str | None]] = {
     400: ("Invalid request.", "invalid_request_error", None),
@@ -50,21 +47,6 @@ DEFAULT_ERRORS: dict[int, tuple[str, str, str | None]] = {
 }
 
 
-class Gate:
-    """Holds a streaming reply after some events until the test opens it (or GATE_TIMEOUT_S passes)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.timed_out = False  # set when the fake stopped waiting: the test never opened the gate
-
-    def open(self) -> None:
-        self._event.set()
-
-    @property
-    def is_open(self) -> bool:
-        return self._event.is_set()
-
-
 @dataclass(frozen=True)
 class ToolCall:
     name: str
@@ -73,14 +55,11 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
-class Reply:
+class Reply(StreamKnobs):
     """A successful answer, as a chat.completion or as a stream, whichever the request asked for.
 
-    Streaming knobs: ``split`` writes the SSE bytes in pieces of that many bytes, each its own
-    chunk and TCP write; ``hold`` pauses after ``hold_after_events`` events until the gate opens;
-    ``cut_after_events`` stops after that many whole events plus ``cut_partial_bytes`` bytes of
-    the next, then either drops the connection (the chunked body never ends) or, with
-    ``cut_cleanly``, ends the body as if it were complete (no ``[DONE]``).
+    Streamed, it takes the knobs of ``StreamKnobs`` (split, hold, cut); a stream cut cleanly ends
+    without ``[DONE]``.
     """
 
     content: str | None = "Hello from the fake provider."
@@ -89,13 +68,6 @@ class Reply:
     prompt_tokens: int = 9
     completion_tokens: int = 12
     model: str | None = None
-    split: int | None = None
-    pause_s: float = 0.001
-    hold: Gate | None = None
-    hold_after_events: int = 1
-    cut_after_events: int | None = None
-    cut_partial_bytes: int = 0
-    cut_cleanly: bool = False
 
     @property
     def finish(self) -> str:
@@ -191,11 +163,6 @@ class Delay:
 
 
 @dataclass(frozen=True)
-class Drop:
-    """Close the connection without answering."""
-
-
-@dataclass(frozen=True)
 class Raw:
     """Any status and body, for answers that are not OpenAI's."""
 
@@ -258,23 +225,7 @@ def sse(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-@dataclass(frozen=True)
-class RecordedRequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-    raw_body: bytes
-    body: dict[str, Any] = field(default_factory=dict)
-    connection: int = 0  # which TCP connection (numbered from 1) carried it: keep-alive is visible
-
-    @property
-    def model(self) -> Any:
-        return self.body.get("model")
-
-    @property
-    def stream(self) -> bool:
-        return self.body.get("stream") is True
-
+class RecordedRequest(loopback.RecordedRequest):
     @property
     def api(self) -> str:
         """The API called, by the end of the path: "chat", "responses", "embeddings", "response"
@@ -292,7 +243,7 @@ ROUTES = {("POST", "chat"), ("POST", "responses"), ("POST", "embeddings"), ("GET
           ("DELETE", "response")}
 
 
-class FakeOpenAI:
+class FakeOpenAI(LoopbackServer[Cassette, RecordedRequest]):
     """The fake provider. Use ``FakeOpenAI.running()``; ``url`` is the base URL (``.../v1``).
 
     It answers chat completions, the Responses API (tests/fakes/openai_responses.py) and
@@ -301,164 +252,30 @@ class FakeOpenAI:
     the matching prefix), and GET/DELETE ``.../responses/{id}`` from the responses it made.
     """
 
+    provider = "OpenAI"
+    request_type = RecordedRequest
+    headers = (("x-request-id", "req_fake"), ("openai-processing-ms", "7"))
+    stream_headers = (("content-type", "text/event-stream; charset=utf-8"), *headers)
+
     def __init__(self, prefix: str = "/v1") -> None:
+        super().__init__()
         self.prefix = prefix
         self._stored: dict[str, dict[str, Any]] = {}  # the responses it made, by id, unless store=false
-        self._lock = threading.Lock()
-        self._script: deque[Cassette] = deque()
-        self._requests: list[RecordedRequest] = []
-        self._replies: list[bytearray] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._shutdown: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._connections = 0
-        self._thread = threading.Thread(target=self._run, name="fake-openai", daemon=True)
-        self.port = 0
-
-    # --- what tests use ------------------------------------------------------------------------
 
     @classmethod
-    @contextlib.contextmanager
-    def running(cls, prefix: str = "/v1") -> Iterator[FakeOpenAI]:
-        fake = cls(prefix)
-        fake.start()
-        try:
-            yield fake
-        finally:
-            fake.stop()
+    def running(cls, prefix: str = "/v1") -> FakeOpenAI:
+        return cls(prefix)
 
     @property
     def url(self) -> str:
         return f"{self.root}{self.prefix}"
-
-    @property
-    def root(self) -> str:
-        """The server's address without the prefix."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def script(self, *cassettes: Cassette) -> None:
-        with self._lock:
-            self._script.extend(cassettes)
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._requests)
-
-    @property
-    def replies(self) -> list[bytes]:
-        """The body bytes of each answer, as far as they were sent."""
-        with self._lock:
-            return [bytes(body) for body in self._replies]
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._script)
-
-    # --- the server thread --------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the fake OpenAI server did not start")
-
-    def stop(self) -> None:
-        if self._shutdown is not None:
-            self._loop.call_soon_threadsafe(self._shutdown.set)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._main())
-        finally:
-            self._loop.close()
-
-    async def _main(self) -> None:
-        self._shutdown = asyncio.Event()
-        server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-        self.port = int(server.sockets[0].getsockname()[1])
-        self._ready.set()
-        try:
-            await self._shutdown.wait()
-        finally:
-            server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            await server.wait_closed()
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own segment
-        conn = h11.Connection(h11.SERVER)
-        with self._lock:
-            self._connections += 1
-            number = self._connections
-        try:
-            while True:
-                request = await self._read_request(conn, reader, number)
-                if request is None:
-                    return
-                keep_alive = await self._answer(self._next(request), request, conn, reader, writer)
-                if not keep_alive or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    return
-                conn.start_next_cycle()
-        except (ConnectionError, h11.ProtocolError):
-            return
-        except asyncio.CancelledError:
-            return  # the fake is stopping; end the connection quietly (asyncio logs a cancelled handler)
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                            number: int) -> RecordedRequest | None:
-        head: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))
-            elif isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
-                return self._record(head, bytes(body), number)
-            else:  # ConnectionClosed or PAUSED: the client is done with this connection
-                return None
-
-    def _record(self, head: h11.Request, body: bytes, number: int) -> RecordedRequest:
-        try:
-            parsed = json.loads(body) if body else {}
-        except ValueError:
-            parsed = {}
-        request = RecordedRequest(
-            method=head.method.decode(), path=head.target.decode(),
-            headers={name.decode().lower(): value.decode() for name, value in head.headers},
-            raw_body=body, body=parsed if isinstance(parsed, dict) else {}, connection=number,
-        )
-        with self._lock:
-            self._requests.append(request)
-        return request
 
     def _next(self, request: RecordedRequest) -> Cassette:
         if not request.path.startswith(self.prefix + "/") or (request.method, request.api) not in ROUTES:
             return Error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
         if request.api == "response":
             return self._stored_response(request)
-        with self._lock:
-            if self._script:
-                return self._script.popleft()
-        return Error(500, "fake upstream: no cassette was scripted for this request", "server_error")
+        return self._scripted(Error(500, "fake upstream: no cassette was scripted for this request", "server_error"))
 
     def _stored_response(self, request: RecordedRequest) -> Cassette:
         """GET or DELETE of a response this fake made, as OpenAI answers them."""
@@ -484,93 +301,28 @@ class FakeOpenAI:
         if isinstance(cassette, Drop):
             return False
         if isinstance(cassette, Raw):
-            return await self._whole(conn, writer, cassette.status, cassette.body, cassette.content_type, ())
+            return await self._whole(conn, writer, cassette.status, cassette.body, content_type=cassette.content_type)
         if isinstance(cassette, Error):
-            return await self._whole(conn, writer, cassette.status, cassette.body(request), "application/json",
-                                     cassette.headers)
+            return await self._whole(conn, writer, cassette.status, cassette.body(request), cassette.headers)
         model = str(request.model or "")
         if isinstance(cassette, Trickle):
             return await self._trickle(conn, reader, writer, cassette, model)
         if request.api == "embeddings":
             body = json.dumps(embeddings(cassette, request.body), indent=2).encode()
-            return await self._whole(conn, writer, 200, body, "application/json", ())
+            return await self._whole(conn, writer, 200, body)
         if request.api == "responses":
             answer = ResponseAnswer(cassette, request.body, "resp_" + uuid.uuid4().hex + uuid.uuid4().hex[:16])
             if request.body.get("store") is not False:
                 with self._lock:
                     self._stored[answer.id] = answer.response()
             if not request.stream:
-                return await self._whole(conn, writer, 200, json.dumps(answer.response(), indent=2).encode(),
-                                         "application/json", ())
+                return await self._whole(conn, writer, 200, json.dumps(answer.response(), indent=2).encode())
             return await self._stream(conn, writer, cassette, answer.events())
         if not request.stream:
             body = json.dumps(cassette.completion(model), indent=2).encode()
-            return await self._whole(conn, writer, 200, body, "application/json", ())
+            return await self._whole(conn, writer, 200, body)
         include_usage = bool((request.body.get("stream_options") or {}).get("include_usage"))
         return await self._stream(conn, writer, cassette, cassette.events(model, include_usage))
-
-    async def _wait_unless_disconnected(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                                        seconds: float) -> bool:
-        """False when the client closes the connection before ``seconds`` have passed."""
-        try:
-            data = await asyncio.wait_for(reader.read(65536), timeout=seconds)
-        except TimeoutError:
-            return True
-        if not data:
-            return False
-        conn.receive_data(data)  # an early byte of the next request: keep it for h11
-        return True
-
-    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, event: Any) -> None:
-        data = conn.send(event)
-        if data:
-            writer.write(data)
-            await writer.drain()
-
-    async def _whole(self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
-                     content_type: str, extra: tuple[tuple[str, str], ...]) -> bool:
-        headers = [("content-type", content_type), ("content-length", str(len(body))),
-                   ("x-request-id", "req_fake"), ("openai-processing-ms", "7"), *extra]
-        self._sending(bytearray(body))  # before the client can see it, so a test never races the record
-        await self._send(conn, writer, h11.Response(status_code=status, headers=headers))
-        await self._send(conn, writer, h11.Data(data=body))
-        await self._send(conn, writer, h11.EndOfMessage())
-        return True
-
-    def _sending(self, body: bytearray) -> bytearray:
-        with self._lock:
-            self._replies.append(body)
-        return body
-
-    async def _stream(self, conn: h11.Connection, writer: asyncio.StreamWriter, cassette: Reply,
-                      events: list[bytes]) -> bool:
-        headers = [("content-type", "text/event-stream; charset=utf-8"), ("x-request-id", "req_fake"),
-                   ("openai-processing-ms", "7")]
-        await self._send(conn, writer, h11.Response(status_code=200, headers=headers))
-        complete = True
-        if cassette.cut_after_events is not None:
-            following = events[cassette.cut_after_events] if cassette.cut_after_events < len(events) else b""
-            events = [*events[:cassette.cut_after_events], following[:cassette.cut_partial_bytes]]
-            complete = cassette.cut_cleanly
-        # Split the whole byte stream (not each event), so pieces straddle event boundaries too;
-        # a held stream is cut at the hold, so the client has exactly the events before it.
-        hold_at = len(b"".join(events[:cassette.hold_after_events])) if cassette.hold else -1
-        stream = b"".join(events)
-        segments = [stream[:hold_at], stream[hold_at:]] if hold_at >= 0 else [stream]
-        sent = self._sending(bytearray())
-        for number, segment in enumerate(segments):
-            if number == 1 and cassette.hold is not None:
-                await self._wait_for_gate(cassette.hold)
-            for piece in _pieces(segment, cassette.split):
-                with self._lock:
-                    sent += piece  # recorded before it is written, so a test never races the record
-                await self._send(conn, writer, h11.Data(data=piece))
-                if cassette.split:
-                    await asyncio.sleep(cassette.pause_s)  # let each piece leave as its own segment
-        if not complete:
-            return False  # close with the chunked body unfinished: a provider that died mid-reply
-        await self._send(conn, writer, h11.EndOfMessage())
-        return True
 
     async def _trickle(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        cassette: Trickle, model: str) -> bool:
@@ -596,18 +348,3 @@ class FakeOpenAI:
             await self._send(conn, writer, h11.Data(data=piece))
         await self._send(conn, writer, h11.EndOfMessage())
         return True
-
-    async def _wait_for_gate(self, gate: Gate) -> None:
-        for _ in range(int(GATE_TIMEOUT_S / 0.005)):
-            if gate.is_open:
-                return
-            await asyncio.sleep(0.005)
-        gate.timed_out = True
-
-
-def _pieces(data: bytes, size: int | None) -> list[bytes]:
-    if not data:
-        return []
-    if not size:
-        return [data]
-    return [data[start:start + size] for start in range(0, len(data), size)]
