@@ -118,6 +118,7 @@ def test_messages_create_reaches_anthropic_as_the_upstream_model_with_the_provid
     assert (sent.method, sent.path) == ("POST", "/v1/messages")
     assert sent.headers["x-api-key"] == ANTHROPIC_KEY and "authorization" not in sent.headers
     assert sent.headers["anthropic-version"] == "2023-06-01"
+    assert sent.headers["anthropic-beta"] == "prompt-caching-2024-07-31"  # the client's opt-in, passed on
     assert client.api_key not in json.dumps(sent.headers)  # never the caller's Lockgate key
     assert sent.body == {"model": CLAUDE_UP, "max_tokens": 300, "system": "Be brief.", "messages": MESSAGES,
                          "metadata": {"user_id": "ana"}, "temperature": 0.2}
@@ -328,11 +329,13 @@ def test_the_openai_sdk_reaches_claude_through_translation(lockgate: Gateway, cl
     claude_upstream.script(message("Hi from Claude.", input_tokens=15, output_tokens=5))
 
     raw = openai_sdk(lockgate).chat.completions.with_raw_response.create(
-        model="claude", stop=["END"], messages=[{"role": "system", "content": "Be brief."}, *MESSAGES])
+        model="claude", stop=["END"], messages=[{"role": "system", "content": "Be brief."}, *MESSAGES],
+        extra_headers={"anthropic-beta": "chat-clients-opt-into-nothing"})
     completion = raw.parse()
 
     [sent] = claude_upstream.requests
     assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == ANTHROPIC_KEY
+    assert "anthropic-beta" not in sent.headers  # only a Messages client's own header is passed on
     assert sent.body == {"model": CLAUDE_UP, "max_tokens": 4096, "system": "Be brief.", "messages": MESSAGES,
                          "stop_sequences": ["END"]}  # max_tokens: the gateway's default_output_tokens
     assert completion.choices[0].message.content == "Hi from Claude."
