@@ -15,21 +15,21 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from gateway.auth import bearer_token
 from gateway.endpoints import EndpointSpec
 from gateway.endpoints.chat import ChatCompletions
 from gateway.endpoints.checks import MAX_MODEL_CHARS, RequestLimits
 from gateway.endpoints.embeddings import Embeddings
 from gateway.endpoints.messages import CountTokens, Messages
 from gateway.endpoints.responses import Responses
-from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, RouteNotFound, error_response
-from gateway.pipeline import GovernedEndpoint
-from gateway.policy import DECISION, build_input
+from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, PolicyFailed, RouteNotFound, error_response
+from gateway.pipeline import Call, GovernedEndpoint, Serve
+from gateway.policy import build_input
 from gateway.policy.embedded import PolicyEngineError
 from gateway.runtime import Runtime, build_runtime
 from gateway.settings import Settings
-from gateway.store import rfc3339, utcnow
+from gateway.store import rfc3339
 from gateway.stored_responses import StoredResponseEndpoint
 from gateway.types import CallFacts, Principal
 
@@ -61,39 +61,32 @@ def _aliases(runtime: Runtime, principal: Principal, now: str) -> dict[str, str]
 
 def _model_entry(runtime: Runtime, principal: Principal, name: str, now: str) -> dict[str, Any] | None:
     """``name`` (a catalog model or an alias) as /v1/models shows it, if the policy lets this key
-    use it and it routes to a model of the catalog."""
+    use it and it routes to a model of the catalog. Asked as a call's decision is
+    (``PolicyStage.decide``), so a listing the policy cannot tell from an earlier one reuses it."""
     try:
-        decision = runtime.policy.engine.evaluate(DECISION, _models_input(principal, name, now))
-    except PolicyEngineError:
+        decision, _, _ = runtime.policy.decide(_models_input(principal, name, now))
+    except PolicyFailed:
         log.exception("policy failed while listing models; %s is not listed", name)
         return None
-    if not isinstance(decision, dict) or decision.get("allow") is not True:
+    if not decision.allow:
         return None
-    route = decision.get("route")
-    routed = route.get("model") if isinstance(route, dict) else None
-    model = runtime.router.catalog.get(routed if isinstance(routed, str) else name)
+    model = runtime.router.catalog.get(decision.route_model or name)
     if model is None:
         return None
     return {"id": name, "object": "model", "created": 0, "owned_by": model.provider}
 
 
-async def _principal(request: Request) -> Principal:
-    headers = request.headers
-    return await _runtime(request).keys.authenticate(bearer_token(headers.get("authorization"),
-                                                                  headers.get("x-api-key")))
-
-
-async def list_models(request: Request) -> Response:
+async def list_models(request: Request, call: Call) -> Response:
     """The catalog models and aliases this caller's key may use, as the policy decides for each."""
-    runtime, principal, now = _runtime(request), await _principal(request), rfc3339(utcnow())
+    runtime, principal, now = _runtime(request), _caller(call), rfc3339(call.now)
     names = dict.fromkeys([*runtime.router.catalog, *_aliases(runtime, principal, now)])
     data = [entry for name in names if (entry := _model_entry(runtime, principal, name, now)) is not None]
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": data}, headers=call.headers())
 
 
-async def retrieve_model(request: Request) -> Response:
+async def retrieve_model(request: Request, call: Call) -> Response:
     """One model of ``list_models``; any other is a 404, whether it exists or this key may not use it."""
-    runtime, principal, now = _runtime(request), await _principal(request), rfc3339(utcnow())
+    runtime, principal, now = _runtime(request), _caller(call), rfc3339(call.now)
     name = request.path_params["model_id"]
     entry = None
     if name in runtime.router.catalog or name in _aliases(runtime, principal, now):
@@ -101,7 +94,45 @@ async def retrieve_model(request: Request) -> Response:
     if entry is None:
         shown = name[:MAX_MODEL_CHARS] if name.isprintable() else "(unprintable)"
         raise ModelNotFound(f"The model '{shown}' does not exist or you do not have access to it.", param="model")
-    return JSONResponse(entry)
+    return JSONResponse(entry, headers=call.headers())
+
+
+def _caller(call: Call) -> Principal:
+    assert call.principal is not None  # the pipeline authenticates the caller before it serves
+    return call.principal
+
+
+class ModelsSpec(EndpointSpec):
+    """``/v1/models`` and ``/v1/models/{id}``: no body, no provider, nothing charged; authenticated,
+    traced and recorded by the pipeline like every other call under /v1."""
+
+    billable = False
+
+
+class ListModels(ModelsSpec):
+    name = "models.list"
+    operation = "list_models"
+    path = "/v1/models"
+
+
+class RetrieveModel(ModelsSpec):
+    name = "models.retrieve"
+    operation = "retrieve_model"
+    path = "/v1/models/{model_id:path}"
+
+
+class ServedEndpoint:
+    """The ASGI app of a route that is no model call: the pipeline authenticates, traces and
+    records it, and ``serve`` answers."""
+
+    def __init__(self, spec: EndpointSpec, serve: Serve) -> None:
+        self.spec = spec
+        self.serve = serve
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response = await _runtime(request).pipeline.handle(request, self.spec, serve=self.serve)
+        await response(scope, receive, send)
 
 
 async def healthz(request: Request) -> Response:
@@ -125,7 +156,9 @@ async def readyz(request: Request) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed())
+        response = error_response(MethodNotAllowed())
+        response.headers.update(exc.headers or {})  # Starlette's Allow: the methods the route takes
+        return response
     if exc.status_code == 404:
         return error_response(RouteNotFound(f"No such endpoint: {request.method} {request.url.path}."))
     return error_response(GatewayError())
@@ -177,8 +210,8 @@ def create_app(settings: Settings, extra_span_processors: Sequence[SpanProcessor
         routes=[
             *governed,
             Route("/v1/responses/{response_id}", StoredResponseEndpoint()),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
+            Route(ListModels.path, ServedEndpoint(ListModels(), list_models), methods=["GET"]),
+            Route(RetrieveModel.path, ServedEndpoint(RetrieveModel(), retrieve_model), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],

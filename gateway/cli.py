@@ -38,11 +38,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.runtime import build_policy
+    from gateway.runtime import build_runtime
 
     settings = _settings(args, host=args.host, port=args.port)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    build_policy(settings)  # fail before binding the port if the policy cannot serve
+
+    async def check() -> None:
+        await (await build_runtime(settings)).close()
+
+    # Everything the app builds at start-up, built once and closed again before the port is bound:
+    # a policy that cannot serve, a store that does not answer or a catalog naming an unknown
+    # provider is then one line and exit 2, where uvicorn's lifespan would print a traceback.
+    asyncio.run(check())
     print(f"lockgate: serving on http://{settings.host}:{settings.port}/v1 "
           f"(store {settings.database_url.split('@')[-1]}, models {', '.join(m.name for m in settings.models)})",
           file=sys.stderr, flush=True)
@@ -99,9 +106,9 @@ def cmd_traces_list(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, default=str, indent=2))
             return 0
-        _table(["TRACE", "TIME", "OUTCOME", "STATUS", "USER", "TEAM", "MODEL", "TOKENS", "COST $", "MS"], [
-            [r["trace_id"], _when(r["created_at"]), r["outcome"], str(r["status_code"]), r["user"] or "-",
-             r["team"] or "-", _model(r), f"{r['input_tokens']}/{r['output_tokens']}",
+        _table(["TRACE", "TIME", "ENDPOINT", "OUTCOME", "STATUS", "USER", "TEAM", "MODEL", "TOKENS", "COST $", "MS"], [
+            [r["trace_id"], _when(r["created_at"]), r["endpoint"], r["outcome"], str(r["status_code"]),
+             r["user"] or "-", r["team"] or "-", _model(r), f"{r['input_tokens']}/{r['output_tokens']}",
              f"{r['cost_micro_usd'] / 1e6:.6f}", f"{r['duration_ms']:.1f}"] for r in rows])
         return 0
 
@@ -121,7 +128,7 @@ def cmd_traces_show(args: argparse.Namespace) -> int:
             print(json.dumps({"decisions": decisions, "spans": spans}, default=str, indent=2))
             return 0
         for d in decisions:
-            print(f"decision {d['id']}  {d['outcome']} ({d['status_code']})  {_when(d['created_at'])}")
+            print(f"decision {d['id']}  {d['endpoint']}  {d['outcome']} ({d['status_code']})  {_when(d['created_at'])}")
             print(f"  caller   {d['user']} / team {d['team']} / org {d['org']}  key {d['key_id']}")
             print(f"  model    {_model(d)}  provider {d['provider'] or '-'}  stream {d['stream']}")
             print(f"  reasons  {'; '.join(d['reasons']) or '-'}")

@@ -17,11 +17,11 @@
     ├── StoreUnavailable              503 server_error / store_unavailable
     ├── ClientClosed                  499 (never sent: the client left mid-stream; audit only)
     └── UpstreamError                 502 upstream_error      (the provider failed)
-        ├── UpstreamAuthFailed        502 upstream_error / upstream_auth_failed (our provider key; not retried)
+        ├── UpstreamAuthFailed        502 upstream_error / upstream_auth_failed (our key: another key is tried)
         ├── UpstreamRejected          400 invalid_request_error (the provider refused the request)
         │   └── UpstreamNotFound      404 invalid_request_error / not_found (a stored response is gone)
         ├── UpstreamRateLimited       429 rate_limit_exceeded
-        │   └── UpstreamQuotaExceeded 429 insufficient_quota / upstream_quota_exceeded (our account; not retried)
+        │   └── UpstreamQuotaExceeded 429 insufficient_quota / upstream_quota_exceeded (our account: likewise)
         ├── UpstreamTimeout           504 upstream_error / upstream_timeout
         └── UpstreamUnavailable       502 upstream_error / upstream_unavailable
 
@@ -204,7 +204,8 @@ class UpstreamRateLimited(UpstreamError):
 
 
 class UpstreamQuotaExceeded(UpstreamRateLimited):
-    """The provider says the gateway's account has no quota left: no retry can help."""
+    """The provider says the gateway's account has no quota left: no retry of this deployment can
+    help (a deployment under another key can: gateway/routing.py tries it)."""
 
     type = "insufficient_quota"
     code = "upstream_quota_exceeded"

@@ -233,10 +233,13 @@ class Pipeline:
 
     @staticmethod
     def _worst_case(call: Call, facts: CallFacts, decision: Decision, models: list[CatalogModel]) -> int:
-        """What the reservation holds: the dearest candidate at the most output the call may produce."""
+        """What the reservation holds: the dearest candidate at the most output the call may produce
+        (the policy's max_tokens caps each choice, so n choices may produce n times the cap)."""
         if not call.spec.billable:
             return 0
-        output_max = min(facts.output_tokens_max, decision.max_tokens or facts.output_tokens_max)
+        output_max = facts.output_tokens_max
+        if decision.max_tokens is not None:
+            output_max = min(output_max, decision.max_tokens * facts.choices)
         worst = max(m.cost_micro_usd(facts.input_tokens, output_max) for m in models)
         if worst > MAX_MICRO_USD:
             param = call.spec.output_param
@@ -255,42 +258,31 @@ class Pipeline:
             raise PolicyDenied("The policy withheld the reply: " + ("; ".join(review.reasons) or "no reason given"))
 
     async def _relay(self, events: AsyncIterator[bytes], reader: StreamReader, call: Call) -> AsyncIterator[bytes]:
-        """Relay a provider's stream event by event, reading it as it passes. From the first
-        tool-call delta on, events are held back until the response policy has seen the finished
-        tool calls (only when the policy reviews replies)."""
+        """Relay a provider's stream event by event, reading it as it passes. When the policy
+        reviews replies, events are held back from the first tool call on until the stream's
+        terminating event, and released only once the policy has seen every tool call: until
+        then another choice, output item or content block may still call a tool."""
         error: GatewayError | None = None
         status = 200
         reviews = self.policy.reviews_responses
+        reviewed = 0  # tool calls the response policy has allowed
         held: list[bytes] = []
         try:
             async for event in events:
                 out = reader.observe(event)
-                if out is None:
-                    continue
-                if reviews and reader.facts.tool_calls:
-                    held.append(out)
-                    if not (reader.finished or reader.terminated):
+                if reviews and len(reader.facts.tool_calls) > reviewed:
+                    if out is not None:
+                        held.append(out)
+                    if not reader.terminated:
                         continue
-                    try:
-                        await self._inspect(reader.facts, call)
-                    except PolicyDenied:
-                        # The reply is finished: read the rest (its usage) so the call is charged
-                        # what the provider bills, relaying nothing more.
-                        async for event in events:
-                            reader.observe(event)
-                        raise
-                    reviews = False
-                    for kept in held:
-                        yield kept
+                    await self._inspect(reader.facts, call)  # refused: the error event replaces what is held
+                    reviewed = len(reader.facts.tool_calls)
+                    out = b"".join(held)
                     held.clear()
-                    continue
-                yield out
+                if out:
+                    yield out
             if not reader.terminated:
                 raise UpstreamUnavailable("The model provider's stream ended before its last event.")
-            if held:
-                await self._inspect(reader.facts, call)
-                for kept in held:
-                    yield kept
         except GatewayError as exc:
             error, status = exc, exc.status
             yield call.spec.error_event(exc)
@@ -303,17 +295,19 @@ class Pipeline:
             error.__cause__ = exc
             yield call.spec.error_event(error)
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
-            call.reply = reader.facts
-            call.usage = reader.facts.usage
-            if reader.events and not reader.facts.usage_reported:
-                # The stream ended before the provider reported usage (the client left, or the
-                # provider broke off), but the provider bills what it generated: estimate it
-                # from the prompt and about one token per relayed event, rather than charge nothing.
-                call.usage = Usage(input_tokens=call.facts.input_tokens if call.facts else 0,
-                                   output_tokens=reader.events)
-                call.reasons = (*call.reasons, "usage estimated: the stream ended before the provider reported it")
-            self._end(call, status=status, error=error)
+            try:
+                await events.aclose()  # type: ignore[attr-defined]
+            finally:  # even when closing the provider's stream fails or is cancelled
+                call.reply = reader.facts
+                call.usage = reader.facts.usage
+                if reader.events and not reader.facts.usage_reported:
+                    # The stream ended before the provider reported usage (the client left, or the
+                    # provider broke off), but the provider bills what it generated: estimate it
+                    # from the prompt and about one token per relayed event, rather than charge nothing.
+                    call.usage = Usage(input_tokens=call.facts.input_tokens if call.facts else 0,
+                                       output_tokens=reader.events)
+                    call.reasons = (*call.reasons, "usage estimated: the stream ended before the provider reported it")
+                self._end(call, status=status, error=error)
 
     def _refuse(self, call: Call, exc: GatewayError) -> Response:
         response = call.spec.error_response(exc)

@@ -13,8 +13,10 @@ client names a model, never a URL. The attempts of one call, in order:
   only while the provider cannot have billed it (``UpstreamError.billable_risk`` is false): a
   connection that failed before the request was sent, or a refusal (429, 408, 409, 502, 503,
   529). A timeout, a 500, a reply cut off: the provider may have done the work, so the call
-  ends there. So does a failure no retry can fix (a rejected request, our credentials, our
-  quota).
+  ends there. So does a rejected request, which every deployment would reject;
+- a deployment that refuses our credentials or says our quota is spent is not tried again: the
+  next deployment is, skipping those that use the same key at the same address (they would be
+  refused alike), so a model served under several accounts survives one account's failure.
 
 Time limits: an attempt waits ``first_byte_timeout_s`` for its answer (a stream: for its first
 event); a stream may then be silent ``idle_timeout_s`` between events; and the whole call, every
@@ -44,7 +46,10 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from gateway.errors import (
     InvalidRequest,
     ModelNotFound,
+    UpstreamAuthFailed,
     UpstreamError,
+    UpstreamQuotaExceeded,
+    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -81,9 +86,6 @@ class RouteResult:
     model: CatalogModel
     deployment: Deployment | None = None
     attempts: list[str] = field(default_factory=list)
-    # Failed attempts the provider may have billed (a timeout, a 500, a reply cut off): spend
-    # control charges them.
-    billable_failures: int = 0
 
     @property
     def provider(self) -> str:
@@ -94,41 +96,43 @@ class DeploymentHealth:
     """Consecutive provider failures per deployment, and which deployments are cooling down.
 
     A provider failure is one that says the deployment is unwell (unavailable, rate limiting,
-    timing out, failing), not one about the request (rejected) or our account (credentials,
-    quota), which another deployment of the same provider would meet too. A success forgets the
-    failures; after its cool-down a deployment is tried again, and one more failure sends it
-    back to cool down.
+    timing out, failing, refusing our key or our quota), not one about the request (rejected),
+    which any deployment would meet. A success forgets the failures; after its cool-down a
+    deployment is tried again, and one more failure sends it back to cool down.
+
+    Only deployments failing right now are held (at most the catalog's), and every change is one
+    synchronous step on the event loop, so no lock is needed: each worker process keeps its own.
     """
 
     def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._threshold = failures
         self._cooldown_s = cooldown_s
         self._clock = clock
-        self._failures: dict[Deployment, int] = {}
-        self._last_failure: dict[Deployment, float] = {}
+        self._failing: dict[Deployment, tuple[int, float]] = {}  # failures in a row, when the last was
 
     @staticmethod
     def counts(exc: UpstreamError) -> bool:
-        return exc.retryable  # the class says whether another attempt could ever help
+        return not isinstance(exc, UpstreamRejected)  # a rejected request says nothing about the deployment
 
     def cooling(self, deployment: Deployment) -> bool:
-        if not self._threshold or self._failures.get(deployment, 0) < self._threshold:
-            return False
-        return self._clock() < self._last_failure[deployment] + self._cooldown_s
+        failing = self._failing.get(deployment) if self._failing else None
+        return (failing is not None and 0 < self._threshold <= failing[0]
+                and self._clock() < failing[1] + self._cooldown_s)
 
     def last_failure(self, deployment: Deployment) -> float:
-        return self._last_failure.get(deployment, float("-inf"))
+        failing = self._failing.get(deployment)
+        return failing[1] if failing else float("-inf")
 
     def failed(self, deployment: Deployment) -> None:
-        failures = self._failures[deployment] = self._failures.get(deployment, 0) + 1
-        self._last_failure[deployment] = self._clock()
+        failures = self._failing.get(deployment, (0, 0.0))[0] + 1
+        self._failing[deployment] = (failures, self._clock())
         if failures == self._threshold:
-            log.warning("deployment %s %s failed %d times in a row: skipped for %g s", deployment.provider,
-                        deployment.upstream_model, failures, self._cooldown_s)
+            log.warning("deployment %s failed %d times in a row: skipped for %g s", deployment.label,
+                        failures, self._cooldown_s)
 
     def succeeded(self, deployment: Deployment) -> None:
-        if deployment in self._failures:
-            del self._failures[deployment]
+        if self._failing:
+            self._failing.pop(deployment, None)
 
 
 class Router:
@@ -161,17 +165,23 @@ class Router:
         first = self.model(model)
         if not self.serves(first, endpoint):
             raise InvalidRequest(f"The model '{first.name}' does not serve {endpoint}.", param="model")
-        return [first] + [self.catalog[f] for f in fallbacks
-                          if f in self.catalog and f != model and self.serves(self.catalog[f], endpoint)]
+        if not fallbacks:
+            return [first]
+        return [first] + [self.catalog[f] for f in dict.fromkeys(fallbacks)  # each once, in the policy's order
+                          if f in self.catalog and f != first.name and self.serves(self.catalog[f], endpoint)]
 
     def order(self, endpoint: str, candidates: list[CatalogModel]) -> list[tuple[CatalogModel, Deployment]]:
         """The deployments one call tries, in order (see the module docstring)."""
         ordered: list[tuple[CatalogModel, Deployment]] = []
         cooling: list[tuple[CatalogModel, Deployment]] = []
         for model in candidates:
-            serving = [d for d in model.deployments if endpoint in self._providers[d.provider].endpoints]
-            ready = [d for d in serving if not self.health.cooling(d)]
-            cooling += [(model, d) for d in serving if self.health.cooling(d)]
+            ready = []
+            for d in model.deployments:
+                if endpoint in self._providers[d.provider].endpoints:
+                    if self.health.cooling(d):
+                        cooling.append((model, d))
+                    else:
+                        ready.append(d)
             if len(ready) > 1:
                 first = self._rng.choices(ready, weights=[d.weight for d in ready])[0]
                 ready.remove(first)
@@ -323,20 +333,31 @@ class Attempts:
         """The next attempt's model and deployment, after any wait it needs; None to give up."""
         last = self._last
         if last is not None:
-            if last.billable_risk or not last.retryable:
+            if last.billable_risk or isinstance(last, UpstreamRejected):
                 return None
-            if self._tries <= self._limits.retries and not self._router.health.cooling(self._current[1]):
+            if (last.retryable and self._tries <= self._limits.retries
+                    and not self._router.health.cooling(self._current[1])):
                 wait = max(RETRY_BACKOFF_S * 2 ** (self._tries - 1), last.retry_after_s or 0.0)
                 if self._loop.time() + wait < self.deadline:
                     await asyncio.sleep(wait)
                     return self._begin()
             if self._loop.time() >= self.deadline:
                 return None
+            if isinstance(last, (UpstreamAuthFailed, UpstreamQuotaExceeded)):
+                self._skip_account(self._current[1])
         if self._index + 1 >= len(self._order):
             return None
         self._index += 1
         self._tries = 0
         return self._begin()
+
+    def _skip_account(self, refused: Deployment) -> None:
+        """Drop the deployments still to come that use ``refused``'s key at its address."""
+        def account(d: Deployment) -> tuple[str, str, str]:
+            return d.provider, d.base_url, self._router.provider_key(d)
+
+        same = account(refused)
+        self._order[self._index + 1:] = [(m, d) for m, d in self._order[self._index + 1:] if account(d) != same]
 
     def _begin(self) -> tuple[CatalogModel, Deployment]:
         self._tries += 1
@@ -367,15 +388,14 @@ class Attempts:
         model, deployment = self._current
         exc.message = scrub_secrets(exc.message, (self._router.provider_key(deployment),))
         exc.args = (exc.message,)  # str(exc), which exception events and logs use, says the same
-        if exc.billable_risk:
-            self._route.billable_failures += 1
+        counts = DeploymentHealth.counts(exc)
         # Running out of the call's time is the call's doing, not the deployment's.
-        if DeploymentHealth.counts(exc) and self._loop.time() < self.deadline:
+        if counts and self._loop.time() < self.deadline:
             self._router.health.failed(deployment)
-        # A provider failing is the operator's concern; a request it rejected is the caller's.
-        log.log(logging.WARNING if DeploymentHealth.counts(exc) else logging.INFO,
-                "%s attempt %d on %s (%s %s) failed: %s: %s", self._endpoint, self._made, model.name,
-                deployment.provider, deployment.upstream_model, type(exc).__name__, exc.message)
+        # A provider failing (our key and quota included) is the operator's concern; a request it
+        # rejected is the caller's.
+        log.log(logging.WARNING if counts else logging.INFO, "%s attempt %d on %s (%s) failed: %s: %s",
+                self._endpoint, self._made, model.name, deployment.label, type(exc).__name__, exc.message)
         self._last = exc
 
     def error(self) -> UpstreamError:

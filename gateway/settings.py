@@ -48,8 +48,8 @@ def _bool(value: Any) -> bool:
 def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         number = kind(value)
-        if number < 0:
-            raise ValueError(f"must not be negative, got {value!r}")
+        if not number >= 0:  # NaN too: a timer at NaN seconds would disorder the event loop's timers
+            raise ValueError(f"must be zero or more, got {value!r}")
         return number
 
     return parse
@@ -96,6 +96,11 @@ def _deployments(entry: Mapping[str, Any]) -> tuple[Deployment, ...]:
     listed = entry.get("deployments") or [{}]
     if not isinstance(listed, list) or not all(isinstance(d, Mapping) for d in listed):
         raise ValueError(f"model {entry.get('name')!r}: deployments must be a list of mappings")
+    for where in (entry, *listed):  # the model's timeout_s, and each deployment's own
+        timeout = where.get("timeout_s")
+        if timeout is not None and not (_number(timeout) and timeout > 0):
+            raise ValueError(f"model {entry.get('name')!r}: timeout_s must be a number of seconds above zero, "
+                             f"got {timeout!r}")
     deployments = []
     for item in listed:
         unknown = sorted(set(item) - set(_DEPLOYMENT_FIELDS))
@@ -107,10 +112,22 @@ def _deployments(entry: Mapping[str, Any]) -> tuple[Deployment, ...]:
         if "provider" not in fields:
             raise ValueError(f"model {entry.get('name')!r}: each deployment needs a provider")
         weight = fields.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        if not _number(weight) or weight <= 0:
             raise ValueError(f"model {entry.get('name')!r}: a deployment's weight must be a positive number")
         deployments.append(Deployment(**fields))
+    if not math.isfinite(sum(d.weight for d in deployments)):  # random.choices needs a finite total
+        raise ValueError(f"model {entry.get('name')!r}: the deployments' weights add up to more than a float holds")
     return tuple(deployments)
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float (JSON and YAML both spell infinity and NaN; booleans are ints in Python)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _models(value: Any) -> tuple[CatalogModel, ...]:
@@ -129,7 +146,7 @@ def _models(value: Any) -> tuple[CatalogModel, ...]:
             fields.setdefault(name, getattr(first, name))
         for price in ("input_usd_per_mtok", "output_usd_per_mtok"):
             value = fields.get(price, 0.0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            if not _number(value) or value < 0:
                 # Prices multiply token counts into the ledger's integers: they must be finite.
                 raise ValueError(f"model {entry.get('name')!r}: {price} must be a finite number >= 0, got {value!r}")
         try:

@@ -109,6 +109,10 @@ class StoredResponse(SQLModel, table=True):
     Written by the audit writer with the call's decision record (see gateway/stored_responses.py)."""
 
     __tablename__ = "stored_responses"
+    # A provider that hands out an id again (a local server restarted) now holds the newer
+    # response under it: its maker becomes the owner, rather than the row being refused and the
+    # older owner reading the newer response.
+    __table_args__ = {"info": {"replace_on_conflict": True}}
 
     id: str = Field(primary_key=True)  # the provider's response id
     key_id: str
@@ -227,7 +231,8 @@ class DirectStatements:
     def insert(self, table: Table, rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
         """An INSERT of ``rows`` (dicts keyed by column) for ``write_batch``, with values stored
         as SQLAlchemy stores them, so its readers see no difference: JSON as text, and on SQLite
-        datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC)."""
+        datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC). A table whose ``info`` says
+        ``replace_on_conflict`` has a row with a taken primary key replace the old one."""
         known = self._inserts.get(table.name)
         if known is None:
             known = self._inserts[table.name] = self._insert_for(table)
@@ -238,6 +243,10 @@ class DirectStatements:
         columns = list(table.columns)
         names = ", ".join(f'"{c.name}"' for c in columns)
         sql = f"INSERT INTO {table.name} ({names}) VALUES ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})"
+        if table.info.get("replace_on_conflict"):
+            keys = ", ".join(f'"{c.name}"' for c in table.primary_key.columns)
+            others = ", ".join(f'"{c.name}" = excluded."{c.name}"' for c in columns if not c.primary_key)
+            sql += f" ON CONFLICT ({keys}) DO UPDATE SET {others}"
         convert: list[Callable[[Any], Any] | None] = []
         for column in columns:
             if isinstance(column.type, JSON):

@@ -9,8 +9,9 @@ unknown id (another key's ids cannot even be probed).
 How the owner is written: when a Responses call ends well, the pipeline queues a
 ``StoredResponse`` row (response id, key, catalog model, deployment) in the audit writer, which
 writes it in the same transaction as the call's decision record: no write on the request path,
-and no response without its record. A lookup that misses flushes the writer and looks once more,
-so a client that reads a response right after creating it finds it. With several replicas on one
+and no response without its record. A lookup of an id whose row is still queued flushes the
+writer first, so a client that reads a response right after creating it finds it; any other
+lookup is one SELECT (an unknown id cannot make the writer flush). With several replicas on one
 PostgreSQL, a response made on another replica is found once that replica's writer has flushed
 (``audit_flush_interval_s``); until then it is a 404.
 
@@ -67,14 +68,15 @@ class StoredResponses:
         missing = ResponseNotFound(f"{what} with id '{_shown(response_id)}' not found.", param=param)
         if not response_id or len(response_id) > MAX_MODEL_CHARS or not response_id.isprintable():
             raise missing
-        row = await self._get(response_id)
-        if row is None:
-            # Its row may still wait in the audit writer's queue (the call ended a moment ago).
+        if self._audit.holds_response(response_id):
+            # The call that made it ended a moment ago: its row still waits in the audit writer's
+            # queue. Asked before the lookup, since the id leaves the queue only once written; a
+            # miss therefore costs one SELECT, never a flush a client could force again and again.
             try:
                 await self._audit.flush()
             except Exception as exc:
                 raise StoreUnavailable() from exc
-            row = await self._get(response_id)
+        row = await self._get(response_id)
         if row is None or row.key_id != principal.key_id:
             raise missing
         return row
@@ -181,7 +183,8 @@ def _where(catalog: dict[str, CatalogModel], stored: StoredResponse) -> tuple[Ca
 
 def _query(request: Request) -> str:
     """The query to pass on. ``stream=true`` replays a background response's events, and the
-    gateway admits no background responses, so it is refused rather than answered in JSON."""
-    if request.query_params.get("stream", "").lower() == "true":
+    gateway admits no background responses, so any ``stream`` but ``false`` is refused rather than
+    answered in JSON. Every value counts, not the last only: the provider may read another one."""
+    if any(value.lower() != "false" for value in request.query_params.getlist("stream")):
         raise InvalidRequest("Streaming a stored response is not supported by the gateway.", param="stream")
     return str(request.url.query)

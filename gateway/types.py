@@ -86,7 +86,8 @@ class CallFacts:
     message_count: int
     metadata: Mapping[str, Any]
     input_tokens: int
-    output_tokens_max: int
+    output_tokens_max: int  # over every choice: ``choices`` times the most one choice may produce
+    choices: int = 1  # chat's ``n``: a policy's max_tokens caps each choice
     include_usage: bool = False  # the client asked for the usage chunk of a chat stream
     previous_response_id: str | None = None  # a stored response the call continues: must be the caller's
 

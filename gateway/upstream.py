@@ -180,9 +180,14 @@ def _provider_error(body: bytes) -> Mapping[str, Any]:
     return error if isinstance(error, Mapping) else {}
 
 
+# The longest wait passed on: a header is the provider's (or whoever sits between) to write, and
+# a wait of 1e306 s, or a date in the year 10^20, must neither crash the gateway nor mean anything.
+MAX_RETRY_AFTER_S = 86_400.0
+
+
 def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
     """A provider's requested wait: ``retry-after-ms``, else ``retry-after`` in seconds or as an
-    HTTP date. None when it asks for nothing (or nothing readable)."""
+    HTTP date, between 0 and MAX_RETRY_AFTER_S. None when it asks for nothing (or nothing readable)."""
     if not headers:
         return None
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
@@ -194,15 +199,15 @@ def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
         except ValueError:
             continue
         if math.isfinite(seconds):
-            return max(0.0, seconds)
+            return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
     value = headers.get("retry-after")
     if value:
         try:
             when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is not None:
-            return max(0.0, (when - datetime.now(UTC)).total_seconds())
+            return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), MAX_RETRY_AFTER_S)
     return None
 
 

@@ -151,11 +151,11 @@ def test_the_key_never_reaches_the_log_or_the_audit(store_url: str, tmp_path: Pa
         assert bad.status_code == 401
 
         decisions, _ = server.trace(bad.headers["lockgate-trace-id"])
-        assert decisions and len(server.decisions()) == 5
+        assert decisions and len(server.decisions()) == 6  # the models listing is recorded too
         server.trace(anthropic_style.headers["lockgate-trace-id"], spans=3)
         server.trace(bad.headers["lockgate-trace-id"], spans=1)
         audit = str(run(_audit_tables(store_url)))
-        assert "bo" in audit and audit.count('"outcome"') == 5  # the rows are there to search
+        assert "bo" in audit and audit.count('"outcome"') == 6  # the rows are there to search
         stop_gateway(server)  # flushes and closes the log
         log = server.log.read_text()
         assert "POST /v1/chat/completions" in log  # the access log is on

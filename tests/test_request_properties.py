@@ -20,6 +20,7 @@ import copy
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -374,3 +375,57 @@ def test_a_well_formed_body_is_served(probe: EndpointProbe, spec: EndpointSpec) 
 def test_every_registered_endpoint_has_a_body_strategy() -> None:
     """Meta-test: a new endpoint spec needs its bodies here, or it goes unfuzzed."""
     assert not [spec.name for spec in SPECS if spec.name not in BODIES or spec.name not in SUCCESS]
+
+
+# ---------------------------------------------------------------- the routes that call no model
+
+# Ids and queries a client controls on GET/DELETE /v1/responses/{id} and GET /v1/models/{id}:
+# any text, percent-encoded (NUL, line breaks, lone surrogates as their bytes, dots), any query.
+# Never empty and never a "/": either would make it another route's path. Never a "%" either:
+# Starlette's TestClient decodes a path twice, where a server decodes it once.
+path_texts = st.one_of(texts, st.sampled_from(["..", ".", "a" * 300, "fast", "mock-fast", "\n"])).filter(
+    lambda text: text and "/" not in text and "%" not in text)
+queries = st.one_of(st.just(""), st.lists(st.tuples(st.sampled_from(["stream", "include[]", "starting_after", "x"]),
+                                                    texts), max_size=3))
+PATH_METHODS = st.sampled_from(["GET"] * 4 + ["DELETE"] * 2 + ["POST", "PUT", "HEAD"])
+
+
+def quoted(text: str) -> str:
+    return quote(text.encode("utf-8", "surrogatepass"), safe="").replace(".", "%2E")  # no dot segments
+
+
+def query_string(pairs: Any) -> str:
+    return "&".join(f"{quoted(name)}={quoted(value)}" for name, value in pairs) if pairs else ""
+
+
+def test_any_stored_response_or_model_path_is_answered_in_shape_with_one_record(probe: EndpointProbe) -> None:
+    gateway = probe.gateway
+    kept = gateway.client.post("/v1/responses", json={"model": "fast", "input": "hi"},
+                               headers={"authorization": f"Bearer {probe.key}"}).json()["id"]
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(route=st.sampled_from(["responses", "models"]), ident=st.one_of(path_texts, st.just(kept)),
+           method=PATH_METHODS, pairs=queries)
+    def holds(route: str, ident: str, method: str, pairs: Any) -> None:
+        path = f"/v1/{route}/{quoted(ident)}"
+        query = query_string(pairs)
+        response = gateway.client.request(method, f"{path}?{query}" if query else path,
+                                          headers={"authorization": f"Bearer {probe.key}"})
+        assert response.status_code < 500, response.text
+        if "lockgate-decision-id" not in response.headers:
+            # No call, so no record: a wrong method on a models route (the generic 405), or an id
+            # with a line break, which Starlette's {model_id:path} does not match (the generic 404).
+            assert route == "models" and response.status_code in (404, 405), response.text
+            assert response.status_code == 404 or method not in ("GET", "HEAD")
+            return
+        if method != "HEAD" and response.status_code >= 400:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and probe.key not in response.text
+        probe.flush()
+        [record] = probe.records(response.headers["lockgate-decision-id"])
+        assert record["status_code"] == response.status_code < 500
+        assert record["endpoint"] in (("models.retrieve",) if route == "models" else
+                                      ("responses.retrieve", "responses.delete"))
+
+    holds()

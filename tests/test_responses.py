@@ -147,7 +147,7 @@ def test_the_stream_reader_reads_the_real_event_stream_and_relays_it_untouched()
     reader, relayed = read_stream(events)
 
     assert relayed == events
-    assert reader.terminated and reader.finished
+    assert reader.terminated and reader.facts.finish_reasons
     facts = reader.facts
     assert (facts.usage.input_tokens, facts.usage.output_tokens) == (15, 6)
     assert (facts.response_id, facts.tool_calls, facts.finish_reasons) == ("resp_s", ["search_web"], ["completed"])
@@ -167,6 +167,30 @@ def test_a_stream_without_its_terminating_event_is_not_terminated() -> None:
         ended, _ = read_stream([f'event: {kind}\ndata: {{"type": "{kind}", "response": {{"status": "failed"}}}}\n\n'
                                .encode()])
         assert ended.terminated
+
+
+def test_every_output_item_that_calls_a_tool_is_shown_to_the_response_policy() -> None:
+    """The client's shell, computer and patch calls and the provider's own tool calls are tool
+    calls too: named by their tool's type (the item's type without ``_call``); function, custom
+    and MCP calls by their name. Read alike from a whole reply and from a stream."""
+    items = [{"type": "message", "role": "assistant", "content": []}, {"type": "reasoning", "summary": []},
+             {"type": "function_call", "name": "search_web", "arguments": "{}", "call_id": "c1"},
+             {"type": "custom_tool_call", "name": "run_sql", "input": "DROP TABLE x", "call_id": "c2"},
+             {"type": "mcp_call", "name": "delete_repo", "server_label": "github", "arguments": "{}"},
+             {"type": "mcp_list_tools", "server_label": "github", "tools": []},
+             {"type": "local_shell_call", "call_id": "c3", "action": {"type": "exec", "command": ["ls"]}},
+             {"type": "shell_call", "call_id": "c4"}, {"type": "computer_call", "call_id": "c5"},
+             {"type": "apply_patch_call", "call_id": "c6"}, {"type": "web_search_call", "status": "completed"},
+             {"type": "code_interpreter_call", "code": "1"}, {"type": "function_call", "call_id": "c7"}, "junk"]
+    expected = ["search_web", "run_sql", "delete_repo", "local_shell", "shell", "computer", "apply_patch",
+                "web_search", "code_interpreter", ""]
+
+    whole = SPEC.read_reply(orjson.dumps({"id": "resp_1", "status": "completed", "output": items}))
+    reader, _ = read_stream([f"event: response.output_item.added\ndata: {orjson.dumps(payload).decode()}\n\n"
+                             .encode() for payload in
+                             ({"type": "response.output_item.added", "item": item} for item in items)])
+
+    assert whole.tool_calls == reader.facts.tool_calls == expected
 
 
 def test_an_error_in_a_stream_is_the_responses_error_event_with_the_error_the_sdks_raise_on() -> None:

@@ -4,7 +4,9 @@ The catalog has two models on the fake provider, ``primary`` and ``backup`` (eac
 upstream model name), and the policy lets team research use both, with ``backup`` as the
 fallback of ``primary``. ``pooled`` has two deployments: one at a port where nothing listens
 (almost always picked first, by weight) and one on the fake; ``lonely`` has only the dead one.
-Every end-to-end test reads the decision record the call left in the audit.
+``accounts`` has three deployments on the fake: two under the usual key (the first almost always
+picked first) and one under a second key. Every end-to-end test reads the decision record the
+call left in the audit.
 
 Fault by fault (refused, stalled, trickling, cut off, and what the SDK then does):
 tests/test_faults.py.
@@ -31,12 +33,15 @@ from gateway.routing import DeploymentHealth, Router, RoutingLimits, StreamWatch
 from gateway.settings import load_settings
 from gateway.types import CatalogModel, Deployment
 from tests.conftest import Gateway, in_process, start_gateway, stop_gateway, write_policy
-from tests.fakes.openai_upstream import FakeOpenAI, Gate, delay, error, reply, tool_reply
+from tests.fakes.openai_upstream import FakeOpenAI, Gate, error, reply, tool_reply
 
 PROVIDER_KEY = "sk-fake-provider-key-routing-0123456789"
+SECOND_KEY = "sk-fake-second-account-routing-0123456789"
 LEAKED_KEY = "sk-fake-LEAKED-routing-abcdef0123456789"
 PRIMARY, BACKUP = "gpt-fake-primary", "gpt-fake-backup"
 DEAD, ALIVE = "gpt-fake-dead", "gpt-fake-alive"
+FIRST_ACCOUNT, SAME_ACCOUNT = "gpt-fake-first-account", "gpt-fake-same-account"
+SECOND_ACCOUNT = "gpt-fake-second-account"
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello."}]
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "search_web", "description": "Search the web.",
@@ -60,7 +65,7 @@ def upstream() -> Iterator[FakeOpenAI]:
 POLICY_DATA: dict[str, Any] = {
     "aliases": {},
     "fallbacks": {"primary": ["backup"]},
-    "teams": {"research": {"models": ["primary", "backup", "pooled", "lonely"], "monthly_budget_usd": 100}},
+    "teams": {"research": {"models": ["primary", "backup", "pooled", "lonely", "accounts"], "monthly_budget_usd": 100}},
     "approval_tools": {},
 }
 
@@ -71,10 +76,15 @@ def catalog(upstream: FakeOpenAI) -> str:
     # The dead deployment is picked first but for one call in 10^12.
     dead = {"base_url": NOWHERE, "upstream_model": DEAD, "weight": 1e6}
     alive = {"base_url": upstream.url, "upstream_model": ALIVE, "weight": 1e-6}
+    # The first account's deployment is picked first but for one call in 10^12; while it cools
+    # down, the second account's is picked first but for one call in 10^12.
+    accounts = [{"upstream_model": FIRST_ACCOUNT, "weight": 1e12}, {"upstream_model": SAME_ACCOUNT, "weight": 1e-12},
+                {"upstream_model": SECOND_ACCOUNT, "api_key_env": "FAKE_OPENAI_SECOND_KEY", "weight": 1}]
     return json.dumps([{"name": "primary", "upstream_model": PRIMARY, **common},
                        {"name": "backup", "upstream_model": BACKUP, **common},
                        {"name": "pooled", **common, "deployments": [dead, alive]},
-                       {"name": "lonely", **common, "deployments": [dead]}])
+                       {"name": "lonely", **common, "deployments": [dead]},
+                       {"name": "accounts", **common, "deployments": accounts}])
 
 
 @pytest.fixture
@@ -302,23 +312,6 @@ def test_when_every_deployment_is_cooling_down_the_call_is_still_tried(serve: Se
 
 # --- retries and fallbacks -----------------------------------------------------------------------
 
-def test_a_server_error_is_never_retried_the_provider_may_have_billed_it(serve: Serve, upstream: FakeOpenAI) -> None:
-    gateway = serve()
-    upstream.script(error(500), reply("A second answer would be a second bill."))
-
-    with pytest.raises(openai.InternalServerError) as caught:
-        sdk(gateway, max_retries=2).chat.completions.create(model="primary", messages=MESSAGES)
-
-    assert caught.value.status_code == 502
-    assert caught.value.response.headers["x-should-retry"] == "false"  # nor may the SDK
-    assert [r.model for r in upstream.requests] == [PRIMARY]  # not again, nor on the fallback
-    record, found = record_of(gateway, caught.value.response.headers)
-    assert route_of(record) == ("failed", 502, "primary", "openai")
-    [span] = [s for s in found if s["kind"] == "CLIENT"]
-    assert span["attributes"]["lockgate.upstream.billable_risk"] is True
-    assert span["attributes"]["http.response.status_code"] == 500
-
-
 def test_repeated_unavailability_falls_back_to_the_next_model(serve: Serve, upstream: FakeOpenAI) -> None:
     gateway = serve()
     upstream.script(error(503), error(503), reply("From the backup."))
@@ -387,8 +380,9 @@ def test_a_provider_credentials_failure_is_a_502_that_never_shows_the_key(
     assert LEAKED_KEY not in gateway.log.read_text()
 
 
-def test_a_provider_credentials_failure_is_not_retried(serve: Serve, upstream: FakeOpenAI) -> None:
-    """The same key will be refused again, so a 401 must not be sent again (nor hide behind a fallback)."""
+def test_a_provider_credentials_failure_is_not_retried_with_the_same_key(serve: Serve, upstream: FakeOpenAI) -> None:
+    """The same key at the same address will be refused again: a 401 is sent neither again nor to
+    the fallback, whose deployment uses that key too."""
     gateway = serve()
     upstream.script(error(401, f"Incorrect API key provided: {LEAKED_KEY}."))  # any retry gets the fake's 500
 
@@ -399,39 +393,31 @@ def test_a_provider_credentials_failure_is_not_retried(serve: Serve, upstream: F
     assert [r.model for r in upstream.requests] == [PRIMARY]
 
 
-def test_a_provider_that_does_not_answer_in_time_is_a_504_and_not_retried(
-        serve: Serve, upstream: FakeOpenAI) -> None:
-    """The request was sent: the provider may still be working on it, and will bill it."""
-    gateway = serve(upstream_first_byte_timeout_s="0.5")
-    upstream.script(delay(10.0), reply("A second bill."))
+@pytest.mark.parametrize("refusal", [
+    error(401, "Incorrect API key provided."),
+    error(429, "You exceeded your current quota.", type="insufficient_quota", code="insufficient_quota"),
+], ids=["credentials", "quota"])
+def test_an_account_refused_by_the_provider_gives_way_to_a_deployment_under_another_key(
+        serve: Serve, upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, refusal: Any) -> None:
+    """One account's key revoked or quota spent: the model's deployment under another key answers
+    (the one under the same key is skipped), and the refused deployment then cools down."""
+    monkeypatch.setenv("FAKE_OPENAI_SECOND_KEY", SECOND_KEY)
+    gateway = serve(upstream_cooldown_failures="1", upstream_cooldown_s="600")
+    upstream.script(refusal, reply("From the second account."), reply("Again from the second account."))
+    client = sdk(gateway)
 
-    with pytest.raises(openai.InternalServerError) as caught:
-        sdk(gateway, max_retries=2).chat.completions.create(model="primary", messages=MESSAGES)
+    first = client.chat.completions.with_raw_response.create(model="accounts", messages=MESSAGES)
+    second = client.chat.completions.with_raw_response.create(model="accounts", messages=MESSAGES)
 
-    assert caught.value.status_code == 504
-    assert isinstance(caught.value.body, dict) and caught.value.body["code"] == "upstream_timeout"
-    assert caught.value.response.headers["x-should-retry"] == "false"
-    assert [r.model for r in upstream.requests] == [PRIMARY]
-    record, found = record_of(gateway, caught.value.response.headers)
-    assert route_of(record) == ("failed", 504, "primary", "openai")
-    assert record["error_type"] == "upstream_timeout"
-    assert attempts(found) == [("primary", "ERROR")]
-
-
-def test_a_provider_rate_limit_is_a_failure_not_a_policy_denial(serve: Serve, upstream: FakeOpenAI) -> None:
-    """Outcome 'denied' means the gateway refused the call (key, policy, budget); a provider that
-    rate-limits us failed to serve it, whatever status it is relayed with."""
-    gateway = serve()
-    upstream.script(*[error(429)] * 4)
-
-    with pytest.raises(openai.RateLimitError) as caught:
-        sdk(gateway, max_retries=2).chat.completions.create(model="primary", messages=MESSAGES)
-
-    assert caught.value.status_code == 429
-    assert caught.value.response.headers["x-should-retry"] == "false"  # the gateway already retried
-    assert [r.model for r in upstream.requests] == [PRIMARY, PRIMARY, BACKUP, BACKUP]
-    record, _ = record_of(gateway, caught.value.response.headers)
-    assert route_of(record) == ("failed", 429, "backup", "openai")
+    assert [r.parse().choices[0].message.content for r in (first, second)] == [
+        "From the second account.", "Again from the second account."]
+    assert [(r.model, r.headers["authorization"]) for r in upstream.requests] == [
+        (FIRST_ACCOUNT, f"Bearer {PROVIDER_KEY}"), (SECOND_ACCOUNT, f"Bearer {SECOND_KEY}"),
+        (SECOND_ACCOUNT, f"Bearer {SECOND_KEY}")]
+    record, found = record_of(gateway, first.headers, spans=4)
+    assert route_of(record) == ("allowed", 200, "accounts", "openai")
+    assert deployments_tried(found) == [(FIRST_ACCOUNT, "ERROR"), (SECOND_ACCOUNT, "UNSET")]
+    assert "failed 1 times in a row" in gateway.log.read_text()  # the operator hears of the refused key
 
 
 # --- provider messages never carry our key --------------------------------------------------------

@@ -38,7 +38,7 @@ def test_environment_beats_file_beats_default(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("environ", "message"), [
     ({"LOCKGATE_PORT": "eighty"}, "LOCKGATE_PORT"),
-    ({"LOCKGATE_UPSTREAM_RETRIES": "-1"}, "must not be negative"),
+    ({"LOCKGATE_UPSTREAM_RETRIES": "-1"}, "must be zero or more"),
     ({"LOCKGATE_ACCESS_LOG": "maybe"}, "expected true or false"),
     ({"LOCKGATE_LOG_LEVEL": "loud"}, "expected one of"),
     ({"LOCKGATE_MODELS": '[{"name": "x"}]'}, "name and provider"),

@@ -1,10 +1,11 @@
 """Stored responses (gateway/stored_responses.py): who made each one is written with the call's
-record, found at once (a lookup that misses flushes the audit writer), and only for its key; a
+record, found at once (a lookup of an id still queued flushes the audit writer), and only for its key; a
 reply the response policy withheld is not kept. In process, on the mock provider."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,56 @@ def test_a_response_is_found_at_once_though_the_writer_has_not_flushed(gateway: 
     [key_id] = {row["key_id"] for row in rows.values()}
     assert key_id.startswith("k_") and {row["model"] for row in rows.values()} == {"mock-fast"}
     assert {row["deployment"] for row in rows.values()} == {"mock:-:mock-fast"}  # Deployment.label, no key
+
+
+def test_an_unknown_id_does_not_make_the_writer_flush(gateway: InProcessGateway) -> None:
+    """Only an id whose row is queued flushes the audit writer; a client asking for ids that do not
+    exist (or are not its own) cannot turn each request into a store transaction."""
+    key, other = gateway.create_key(), gateway.create_key(user="bo")
+    created = gateway.client.post("/v1/responses", headers=auth(key), json={"model": "fast", "input": "hi"}).json()
+
+    misses = [gateway.client.get(f"/v1/responses/resp_unknown_{n}", headers=auth(other)) for n in range(3)]
+    continued = gateway.client.post("/v1/responses", headers=auth(other),
+                                    json={"model": "fast", "input": "hi", "previous_response_id": "resp_unknown"})
+
+    assert [m.status_code for m in misses] == [404, 404, 404] and continued.status_code == 404
+    assert stored(gateway) == []  # nothing was written: the writer still holds every row
+    assert gateway.client.get(f"/v1/responses/{created['id']}", headers=auth(other)).status_code == 404
+    assert [row["id"] for row in stored(gateway)] == [created["id"]]  # a queued id flushes, then is looked up
+    assert gateway.client.get(f"/v1/responses/{created['id']}", headers=auth(key)).status_code == 200
+
+
+@pytest.mark.parametrize("query", ["stream=true", "stream=True", "stream=1", "stream=true&stream=false",
+                                   "stream=false&stream=yes"])
+def test_any_stream_but_false_is_refused(gateway: InProcessGateway, query: str) -> None:
+    key = gateway.create_key()
+    created = gateway.client.post("/v1/responses", headers=auth(key), json={"model": "fast", "input": "hi"}).json()
+
+    refused = gateway.client.get(f"/v1/responses/{created['id']}?{query}", headers=auth(key))
+    plain = gateway.client.get(f"/v1/responses/{created['id']}?stream=false", headers=auth(key))
+
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+    assert plain.status_code == 200 and plain.json()["id"] == created["id"]
+
+
+def test_an_id_the_provider_hands_out_again_belongs_to_its_newest_maker(gateway: InProcessGateway) -> None:
+    """A provider that reuses an id (a local server restarted) holds the newer response under it:
+    the older owner must not read it, the newer one must."""
+    first, second = gateway.create_key(), gateway.create_key(user="bo")
+    reused = gateway.client.post("/v1/responses", headers=auth(first), json={"model": "fast", "input": "a"}).json()
+    gateway.client.post("/v1/responses", headers=auth(second), json={"model": "fast", "input": "b"})
+    gateway.call(gateway.runtime.audit.flush)
+    owners = {row["id"]: row["key_id"] for row in stored(gateway)}
+    second_key = next(key_id for key_id in owners.values() if key_id != owners[reused["id"]])
+    deployment = gateway.runtime.router.catalog["mock-fast"].deployments[0]
+
+    gateway.call(gateway.runtime.pipeline.responses.keep, reused["id"], second_key, "mock-fast", deployment,
+                 datetime.now(UTC))
+    gateway.call(gateway.runtime.audit.flush)
+
+    assert {row["id"]: row["key_id"] for row in stored(gateway)}[reused["id"]] == second_key
+    assert gateway.client.get(f"/v1/responses/{reused['id']}", headers=auth(first)).status_code == 404
+    assert gateway.client.get(f"/v1/responses/{reused['id']}", headers=auth(second)).status_code == 200
 
 
 def test_a_withheld_reply_is_not_kept(gateway: InProcessGateway) -> None:

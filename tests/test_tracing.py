@@ -7,6 +7,7 @@ as whole trees (volatile values such as ids and durations left out).
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,22 @@ def test_spans_reach_the_audit_store(traced: tuple[TestClient, InMemorySpanExpor
         assert json.loads(json.dumps(row["attributes"])) == json.loads(json.dumps(
             {k: (list(v) if isinstance(v, tuple) else v) for k, v in memory[row["name"]].attributes.items()}))
     assert decisions[0]["id"] == memory["chat fast"].attributes["lockgate.decision_id"]
+
+
+def test_ids_do_not_repeat_when_someone_seeds_the_global_random(
+        traced: tuple[TestClient, InMemorySpanExporter, str]) -> None:
+    """Whoever seeds ``random`` (hypothesis does, per example) must not make trace or span ids repeat."""
+    client, exporter, key = traced
+    body = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
+    trace_ids, state = [], random.getstate()
+    try:
+        for _ in range(2):
+            random.seed(1)
+            trace_ids.append(client.post("/v1/chat/completions", json=body,
+                                         headers={"Authorization": f"Bearer {key}"}).headers["lockgate-trace-id"])
+    finally:
+        random.setstate(state)
+
+    spans = exporter.get_finished_spans()
+    assert trace_ids[0] != trace_ids[1]
+    assert len({s.context.span_id for s in spans}) == len(spans) > 2

@@ -20,6 +20,7 @@ from adapters.anthropic_translate import (
     message_to_chat_completion,
     messages_request_to_chat,
 )
+from gateway.endpoints.chat import MAX_TOKENS_REPORTED
 from gateway.endpoints.checks import RequestLimits
 from gateway.endpoints.messages import CountTokens, Messages
 from gateway.errors import InvalidRequest, UpstreamError, UpstreamRejected, UpstreamUnavailable
@@ -145,6 +146,12 @@ def test_read_reply_counts_cache_tokens_as_input_and_names_tool_uses() -> None:
         SPEC.read_reply(b"[1, 2]")
 
 
+def test_input_tokens_summed_over_the_cache_stay_within_what_the_audit_holds() -> None:
+    huge = {"input_tokens": 2**31, "cache_creation_input_tokens": 2**31, "cache_read_input_tokens": 2**31}
+    facts = SPEC.read_reply(json.dumps({"content": [], "usage": {**huge, "output_tokens": 1}}).encode())
+    assert facts.usage.input_tokens == MAX_TOKENS_REPORTED
+
+
 def test_stream_reader_reads_usage_tools_finish_and_the_terminator() -> None:
     events = anthropic.tool_message("search_web", text="On it.", thinking="Hmm.", input_tokens=7,
                                     cache_read_input_tokens=3, output_tokens=21).events("claude-up")
@@ -158,11 +165,22 @@ def test_stream_reader_reads_usage_tools_finish_and_the_terminator() -> None:
             assert reader.facts.usage.input_tokens == 10 and not reader.facts.usage_reported
         if number < len(events) - 1:
             assert not reader.terminated
-    assert reader.terminated and reader.finished
+    assert reader.terminated and reader.facts.finish_reasons
     assert (reader.facts.usage.input_tokens, reader.facts.usage.output_tokens) == (10, 21)
     assert reader.facts.tool_calls == ["search_web"] and reader.facts.finish_reasons == ["tool_use"]
     assert reader.facts.response_model == "claude-up"
     assert b"event: ping\n" in b"".join(relayed)
+
+
+def test_a_streamed_tool_use_counts_from_its_block_start_even_without_a_name() -> None:
+    """As in a whole reply, a tool_use block with no name is a tool call (named ""): the pipeline
+    holds the stream back from there for the response policy, rather than relay it unreviewed."""
+    reader = SPEC.stream_reader(SPEC.describe(body(stream=True)))
+    for block in ({"type": "text", "text": ""}, {"type": "tool_use", "id": "toolu_1", "input": {}},
+                  {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}):
+        reader.observe(b"event: content_block_start\ndata: "
+                       + orjson.dumps({"type": "content_block_start", "index": 0, "content_block": block}) + b"\n\n")
+    assert reader.facts.tool_calls == ["", "web_search"]
 
 
 def test_a_providers_error_event_is_not_relayed_but_raised_and_rendered_in_anthropics_shape() -> None:
@@ -408,7 +426,7 @@ def test_the_translated_stream_reads_as_a_whole_stream_for_the_messages_spec() -
     for event in events:
         for out in translator.feed(event):
             reader.observe(out)
-    assert reader.terminated and reader.finished
+    assert reader.terminated and reader.facts.finish_reasons
     assert (reader.facts.usage.input_tokens, reader.facts.usage.output_tokens) == (12, 3)
     cut = ChatToMessagesStream("gpt-up")
     cut_reader = SPEC.stream_reader(SPEC.describe(body(stream=True)))

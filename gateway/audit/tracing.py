@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from gateway.audit.writer import AuditWriter
@@ -60,8 +63,31 @@ class AuditSpanProcessor(SpanProcessor):
         return True  # nothing is held here; the writer's own flush writes the rows
 
 
+class OwnRandomIdGenerator(IdGenerator):
+    """Trace and span ids from a generator of our own, seeded once from the OS. The SDK's default
+    draws on the global ``random``, and whoever seeds that (a test framework, a library) makes ids
+    repeat: a repeated span id is a row the store refuses, a repeated trace id mixes two calls'
+    audits. Ids name rows and are no secret, so ``random`` will do (as for decision ids)."""
+
+    def __init__(self) -> None:
+        self._random = random.Random()
+
+    def generate_span_id(self) -> int:
+        span_id = self._random.getrandbits(64)
+        while span_id == trace.INVALID_SPAN_ID:
+            span_id = self._random.getrandbits(64)
+        return span_id
+
+    def generate_trace_id(self) -> int:
+        trace_id = self._random.getrandbits(128)
+        while trace_id == trace.INVALID_TRACE_ID:
+            trace_id = self._random.getrandbits(128)
+        return trace_id
+
+
 def build_tracer_provider(writer: AuditWriter, extra_processors: Sequence[SpanProcessor] = ()) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": "lockgate"}), sampler=ALWAYS_ON)
+    provider = TracerProvider(resource=Resource.create({"service.name": "lockgate"}), sampler=ALWAYS_ON,
+                              id_generator=OwnRandomIdGenerator())
     provider.add_span_processor(AuditSpanProcessor(writer))
     for processor in extra_processors:
         provider.add_span_processor(processor)

@@ -43,6 +43,9 @@ class AuditWriter:
         # deque.append is atomic, so a span ended on another thread may add its row without a lock.
         self._pending: deque[Item] = deque()
         self._decisions = 0  # decision records in _pending (approximate while a flush runs)
+        # Ids of stored responses queued and not yet written (gateway/stored_responses.py): an id
+        # leaves this set only after its row was written or dropped.
+        self._responses: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -67,7 +70,12 @@ class AuditWriter:
     def add_stored_response(self, row: StoredResponse) -> None:
         """Who made a response the provider keeps; queued before the call's decision record, so
         both land in one transaction."""
+        self._responses.add(row.id)
         self._pending.append(("response", row.model_dump()))
+
+    def holds_response(self, response_id: str) -> bool:
+        """The row of this stored response is queued, not yet in the store."""
+        return response_id in self._responses
 
     def add_span(self, row: dict[str, Any]) -> None:
         self._pending.append(("span", row))
@@ -118,6 +126,8 @@ class AuditWriter:
                             log.exception("the store refuses audit %s row %s; it is dropped", kind, name)
                         written += 1
             finally:
+                if self._responses:
+                    self._responses.difference_update(row["id"] for kind, row in items[:written] if kind == "response")
                 # The store is away, or the flush was cancelled: keep the rest for the next one.
                 self._pending.extendleft(reversed(items[written:]))
                 self._decisions += sum(1 for kind, _ in items[written:] if kind == "decision")

@@ -29,14 +29,14 @@ class StreamReader:
     """Reads one stream's events as they pass: usage, tool calls, finish, and its proper end.
 
     ``observe`` returns the event to relay (possibly rewritten) or None to drop it.
-    ``finished`` turns true at the event that ends the reply's content (the finish reason), and
-    ``terminated`` at the wire format's terminating event (``[DONE]``, ``response.completed``,
-    ``message_stop``); a stream that closes before ``terminated`` was cut off.
+    ``terminated`` turns true at the wire format's terminating event (``[DONE]``,
+    ``response.completed``, ``message_stop``); a stream that closes before it was cut off. A tool
+    call counts in ``facts.tool_calls`` from its first event on, named or not (``""``): the
+    pipeline holds the stream back from there while the policy reviews replies.
     """
 
     def __init__(self) -> None:
         self.facts = ReplyFacts()
-        self.finished = False
         self.terminated = False
         self.events = 0  # content events relayed: what a stream cut off early is charged for
 

@@ -63,8 +63,9 @@ def read_usage(usage: Any) -> Usage:
 
 def chat_tool_names(body: Mapping[str, Any]) -> tuple[str, ...]:
     """Every tool a chat request offers the model or names: ``tools`` of type ``function`` and
-    ``custom``, the legacy ``functions`` and ``function_call``, and ``tool_choice``. A tool the
-    gateway cannot read is a 400, never passed on unread."""
+    ``custom``, the legacy ``functions`` and ``function_call``, ``tool_choice``, and the search
+    models' built-in ``web_search`` (``web_search_options``). A tool the gateway cannot read is a
+    400, never passed on unread."""
     names: list[str] = []
     for index, tool in enumerate(optional_array(body, "tools")):
         where = f"tools[{index}]"
@@ -102,6 +103,8 @@ def chat_tool_names(body: Mapping[str, Any]) -> tuple[str, ...]:
             raise InvalidRequest("'tool_choice' has an unknown type.", param="tool_choice.type")
     elif tool_choice is not None and tool_choice not in ("none", "auto", "required"):
         raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required' or an object.", param="tool_choice")
+    if body.get("web_search_options") is not None:
+        names.append("web_search")  # as the Responses and Messages APIs name their web search tool
     return tuple(dict.fromkeys(names))  # each name once, in the order first named
 
 
@@ -168,6 +171,7 @@ class ChatCompletions(EndpointSpec):
             metadata=metadata,
             input_tokens=estimate_tokens(chars + tool_chars, media, len(messages)),
             output_tokens_max=(max_tokens or self.limits.default_output_tokens) * choices,
+            choices=choices,
             include_usage=include_usage,
         )
 
@@ -213,6 +217,8 @@ class ChatStreamReader(StreamReader):
     def __init__(self, include_usage: bool) -> None:
         super().__init__()
         self._include_usage = include_usage
+        # Where each tool call begun so far is in ``facts.tool_calls``, by (choice, call index).
+        self._tool_calls: dict[tuple[int | None, int | str | None], int] = {}
 
     def observe(self, event: bytes) -> bytes | None:
         data = event_data(event)
@@ -238,14 +244,9 @@ class ChatStreamReader(StreamReader):
                 continue
             if choice.get("finish_reason"):
                 facts.finish_reasons.append(str(choice["finish_reason"]))
-                self.finished = True
             delta = choice.get("delta") or {}
-            for tool_call in delta.get("tool_calls") or ():
-                name = (tool_call.get("function") or tool_call.get("custom") or {}).get("name")
-                if name:
-                    facts.tool_calls.append(str(name))
-            if delta.get("function_call") and delta["function_call"].get("name"):
-                facts.tool_calls.append(str(delta["function_call"]["name"]))
+            if delta.get("tool_calls") or delta.get("function_call"):
+                self._read_tool_calls(_index(choice.get("index")), delta)
         if chunk.get("usage"):
             facts.usage, facts.usage_reported = read_usage(chunk["usage"]), True
             if not choices and not self._include_usage:
@@ -254,4 +255,31 @@ class ChatStreamReader(StreamReader):
         if choices:
             self.events += 1
         return event
+
+    def _read_tool_calls(self, choice: int | None, delta: Mapping[str, Any]) -> None:
+        """A delta's tool calls. A call counts from its first delta on, named or not, so that the
+        relay holds the stream back from there; a name in a later delta fills in an unnamed call
+        (or, if it differs, is added: the policy sees every name the provider sent)."""
+        calls: list[tuple[int | str | None, Any]] = [
+            (_index(call.get("index")), call.get("function") or call.get("custom"))
+            for call in delta.get("tool_calls") or () if isinstance(call, dict)]
+        if delta.get("function_call"):
+            calls.append(("function_call", delta["function_call"]))
+        names = self.facts.tool_calls
+        for index, function in calls:
+            name = function.get("name") if isinstance(function, dict) else None
+            name = str(name) if name else ""
+            at = self._tool_calls.get((choice, index))
+            if at is None:
+                self._tool_calls[choice, index] = len(names)
+                names.append(name)
+            elif name and not names[at]:
+                names[at] = name
+            elif name and name != names[at]:
+                names.append(name)
+
+
+def _index(value: Any) -> int | None:
+    """A provider's choice or tool-call index, as a key (anything but an integer counts as none)."""
+    return value if isinstance(value, int) else None
 

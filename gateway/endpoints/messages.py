@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.endpoints import EndpointSpec, StreamReader
-from gateway.endpoints.chat import token_count
+from gateway.endpoints.chat import MAX_TOKENS_REPORTED, token_count
 from gateway.endpoints.checks import (
     boolean,
     estimate_tokens,
@@ -50,9 +50,10 @@ def read_usage(usage: Any) -> Usage:
     """Anthropic's usage: every input token is billed, whether fresh, written to or read from the cache."""
     if not isinstance(usage, Mapping):
         return Usage()
-    return Usage(input_tokens=token_count(usage.get("input_tokens"))
-                 + token_count(usage.get("cache_creation_input_tokens"))
-                 + token_count(usage.get("cache_read_input_tokens")),
+    input_tokens = (token_count(usage.get("input_tokens")) + token_count(usage.get("cache_creation_input_tokens"))
+                    + token_count(usage.get("cache_read_input_tokens")))
+    # Each count is bounded, their sum too: the audit's token columns hold what token_count allows.
+    return Usage(input_tokens=min(input_tokens, MAX_TOKENS_REPORTED),
                  output_tokens=token_count(usage.get("output_tokens")))
 
 
@@ -134,9 +135,16 @@ def system_chars(system: Any) -> int:
 
 def messages_tool_names(body: Mapping[str, Any]) -> tuple[str, ...]:
     """Every tool a Messages request offers or names: client tools (``{name, input_schema}``),
-    server tools (``{"type": "web_search_20250305", "name": ...}``) and ``tool_choice``. A tool
-    whose name the gateway cannot read is a 400, never passed on unread."""
+    server tools (``{"type": "web_search_20250305", "name": ...}``), ``tool_choice``, and the
+    remote MCP servers of the MCP connector (``mcp_servers``, and ``mcp_toolset`` tools) as
+    ``mcp:<server name>``, as the Responses API's are. A tool whose name the gateway cannot read
+    is a 400, never passed on unread."""
     names: list[str] = []
+    for index, server in enumerate(optional_array(body, "mcp_servers")):
+        where = f"mcp_servers[{index}]"
+        if not isinstance(server, dict):
+            raise InvalidRequest(f"'{where}' must be an object.", param=where)
+        names.append("mcp:" + tool_name(server.get("name"), f"{where}.name"))
     for index, tool in enumerate(optional_array(body, "tools")):
         where = f"tools[{index}]"
         if not isinstance(tool, dict):
@@ -144,6 +152,9 @@ def messages_tool_names(body: Mapping[str, Any]) -> tuple[str, ...]:
         kind = tool.get("type")
         if kind is not None and not isinstance(kind, str):
             raise InvalidRequest(f"'{where}.type' must be a string.", param=f"{where}.type")
+        if kind == "mcp_toolset":
+            names.append("mcp:" + tool_name(tool.get("mcp_server_name"), f"{where}.mcp_server_name"))
+            continue
         names.append(tool_name(tool.get("name"), f"{where}.name"))
         if kind in (None, "custom") and not isinstance(tool.get("input_schema"), dict):
             # A client tool's schema is what a translation to another wire format carries.
@@ -310,8 +321,9 @@ class MessagesStreamReader(StreamReader):
                 facts.usage = read_usage(self._usage)  # the input is known now; output so far
         elif kind == "content_block_start":
             block = payload.get("content_block")
-            if isinstance(block, dict) and block.get("type") in TOOL_USE_BLOCKS and block.get("name"):
-                facts.tool_calls.append(str(block["name"]))
+            if isinstance(block, dict) and block.get("type") in TOOL_USE_BLOCKS:
+                # Named or not, as in a whole reply: from here on the relay holds the stream back.
+                facts.tool_calls.append(str(block.get("name") or ""))
             self.events += 1
         elif kind == "content_block_delta":
             self.events += 1
@@ -319,7 +331,6 @@ class MessagesStreamReader(StreamReader):
             delta = payload.get("delta")
             if isinstance(delta, dict) and delta.get("stop_reason"):
                 facts.finish_reasons.append(str(delta["stop_reason"]))
-                self.finished = True
             if isinstance(payload.get("usage"), Mapping):
                 self._take_usage(payload["usage"])
                 facts.usage, facts.usage_reported = read_usage(self._usage), True

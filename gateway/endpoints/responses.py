@@ -46,12 +46,13 @@ from gateway.types import CallFacts, ReplyFacts, Usage
 
 # The events that end a stream, each carrying the whole response with its usage.
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
-# Output items that ask the client to run one of its tools: the calls a response policy reviews.
-TOOL_CALL_ITEMS = frozenset({"function_call", "custom_tool_call"})
+# Output items that call a tool by its name: the client's functions and custom tools, and a remote
+# MCP server's tools (by the bare tool name, as Anthropic's mcp_tool_use block names them).
+NAMED_CALL_ITEMS = frozenset({"function_call", "custom_tool_call", "mcp_call"})
 # Tools a request can offer that carry a name of their own; every other tool (web_search,
 # file_search, code_interpreter, image_generation, computer_use_preview, local_shell, shell,
 # apply_patch, and any the API adds) is named by its type.
-NAMED_TOOLS = frozenset({"function", "custom"})
+NAMED_TOOLS = ("function", "custom")  # a tuple: a client's unhashable "type" compares unequal, never raises
 # Fields the gateway passes on unread, checked for their JSON type only (see ``typed_fields``).
 PASSED_ON: dict[str, Kind] = {
     "temperature": NUMBER, "top_p": NUMBER, "top_logprobs": INTEGER, "max_tool_calls": INTEGER,
@@ -157,6 +158,19 @@ def input_size(value: Any) -> tuple[int, int, int]:
     return chars, media, len(value)
 
 
+def tool_call_name(item: Any) -> str | None:
+    """The policy-visible name of an output item that calls a tool, None for any other item. Every
+    item whose type ends in ``_call`` is one: the named ones by their name, the rest (the client's
+    ``local_shell_call``, ``shell_call``, ``computer_call``, ``apply_patch_call``, the provider's
+    ``web_search_call``, ``code_interpreter_call``...) by their tool's type, the item's without ``_call``."""
+    kind = item.get("type") if isinstance(item, dict) else None
+    if not isinstance(kind, str) or not kind.endswith("_call"):
+        return None
+    if kind in NAMED_CALL_ITEMS:
+        return str(item.get("name") or "")
+    return kind.removesuffix("_call")
+
+
 def _finish(response: Mapping[str, Any]) -> str:
     """The finish of a response: its status, or why it is incomplete (``max_output_tokens``...)."""
     status = str(response.get("status") or "completed")
@@ -232,8 +246,8 @@ class Responses(EndpointSpec):
         _read_response(reply, facts, final=True)
         output = reply.get("output")
         for item in output if isinstance(output, list) else ():
-            if isinstance(item, dict) and item.get("type") in TOOL_CALL_ITEMS:
-                facts.tool_calls.append(str(item.get("name") or ""))
+            if (name := tool_call_name(item)) is not None:
+                facts.tool_calls.append(name)
         return facts
 
     def stream_reader(self, facts: CallFacts) -> StreamReader:
@@ -270,12 +284,11 @@ class ResponsesStreamReader(StreamReader):
         if kind.endswith(".delta"):  # a provider that does not name its events
             self.events += 1
         elif kind == "response.output_item.added":
-            item = payload.get("item")
-            if isinstance(item, dict) and item.get("type") in TOOL_CALL_ITEMS and item.get("name"):
-                self.facts.tool_calls.append(str(item["name"]))
+            if (called := tool_call_name(payload.get("item"))) is not None:
+                self.facts.tool_calls.append(called)
         elif kind.startswith("response.") and isinstance(payload.get("response"), dict):
             final = kind in TERMINAL_EVENTS
             _read_response(payload["response"], self.facts, final=final)
             if final:
-                self.finished = self.terminated = True
+                self.terminated = True
         return event

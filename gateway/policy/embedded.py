@@ -11,6 +11,7 @@ regorus has sharp edges this wrapper keeps away from the rest of the gateway:
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,9 @@ from gateway.policy.source import PolicySource
 
 class PolicyEngineError(RuntimeError):
     """The engine could not evaluate: the caller must fail closed."""
+
+
+_DATA_PATH = re.compile(r"data(\.[A-Za-z_][A-Za-z0-9_]*)+")  # data.lockgate.aliases
 
 
 def _first_line(exc: BaseException) -> str:
@@ -74,11 +78,14 @@ class EmbeddedEngine:
             self._engine.set_input(dict(policy_input))
             if entrypoint in self._rules:
                 return self._engine.eval_rule(entrypoint)
+            if not _DATA_PATH.fullmatch(entrypoint):
+                # The query below would run any Rego expression: only ever a reference into data.
+                raise PolicyEngineError(f"{entrypoint!r} is not a path into data")
             # regorus evaluates only rules by path; a document of data.json takes a query.
             results = self._engine.eval_query(entrypoint).get("result") or [{}]
             return (results[0].get("expressions") or [{}])[0].get("value")
         except BaseException as exc:  # regorus panics derive from BaseException
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, PolicyEngineError)):
                 raise
             raise PolicyEngineError(f"policy evaluation failed: {_first_line(exc)}") from None
 
