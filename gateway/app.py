@@ -15,8 +15,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
+from gateway.admin import ROUTES as APPROVAL_ROUTES
 from gateway.endpoints import EndpointSpec
 from gateway.endpoints.chat import ChatCompletions
 from gateway.endpoints.checks import MAX_MODEL_CHARS, RequestLimits
@@ -24,7 +24,7 @@ from gateway.endpoints.embeddings import Embeddings
 from gateway.endpoints.messages import CountTokens, Messages
 from gateway.endpoints.responses import Responses
 from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, PolicyFailed, RouteNotFound, error_response
-from gateway.pipeline import Call, GovernedEndpoint, Serve
+from gateway.pipeline import Call, GovernedEndpoint
 from gateway.policy import build_input
 from gateway.policy.embedded import PolicyEngineError
 from gateway.runtime import Runtime, build_runtime
@@ -121,20 +121,6 @@ class RetrieveModel(ModelsSpec):
     path = "/v1/models/{model_id:path}"
 
 
-class ServedEndpoint:
-    """The ASGI app of a route that is no model call: the pipeline authenticates, traces and
-    records it, and ``serve`` answers."""
-
-    def __init__(self, spec: EndpointSpec, serve: Serve) -> None:
-        self.spec = spec
-        self.serve = serve
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        response = await _runtime(request).pipeline.handle(request, self.spec, serve=self.serve)
-        await response(scope, receive, send)
-
-
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -210,8 +196,9 @@ def create_app(settings: Settings, extra_span_processors: Sequence[SpanProcessor
         routes=[
             *governed,
             Route("/v1/responses/{response_id}", StoredResponseEndpoint()),
-            Route(ListModels.path, ServedEndpoint(ListModels(), list_models), methods=["GET"]),
-            Route(RetrieveModel.path, ServedEndpoint(RetrieveModel(), retrieve_model), methods=["GET"]),
+            Route(ListModels.path, GovernedEndpoint(ListModels(), list_models), methods=["GET"]),
+            Route(RetrieveModel.path, GovernedEndpoint(RetrieveModel(), retrieve_model), methods=["GET"]),
+            *(Route(path, app, methods=methods) for path, app, methods in APPROVAL_ROUTES),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],

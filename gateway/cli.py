@@ -10,11 +10,17 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.settings import Settings, SettingsError, describe_settings, load_settings
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+    from gateway.types import Principal
+
+APPROVAL_STATES = ("pending", "approved", "denied", "expired", "executing", "executed", "failed")
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
@@ -147,31 +153,81 @@ def cmd_traces_show(args: argparse.Namespace) -> int:
     return _with_store(args, action)
 
 
-def cmd_approvals_list(args: argparse.Namespace) -> int:
-    from gateway.approvals import ApprovalQueue
+def _as_principal(args: argparse.Namespace, action: Callable[[Runtime, Principal], Awaitable[int]]) -> int:
+    """Run ``action`` as the principal of the caller's key: from ``--key-file``, else the
+    environment variable LOCKGATE_API_KEY, else asked for on the terminal. Never a name."""
+    import getpass
+    import os
 
-    async def action(engine: AsyncEngine) -> int:
-        rows = await ApprovalQueue(engine).list(None if args.status == "all" else args.status)
-        _table(["ID", "STATUS", "USER", "TEAM", "MODEL", "APPROVERS", "REASON", "CREATED", "EXPIRES"], [
-            [a.id, a.status, a.user, a.team, a.model, ",".join(a.approvers) or "-", a.reason,
+    from gateway.errors import GatewayError
+    from gateway.runtime import build_runtime
+
+    if args.key_file:
+        try:
+            key = Path(args.key_file).read_text().strip()
+        except OSError as exc:
+            print(f"lockgate: cannot read {args.key_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    else:
+        key = os.environ.get("LOCKGATE_API_KEY", "")
+        if not key and sys.stdin.isatty():
+            key = getpass.getpass("Lockgate key (approver or admin): ").strip()
+    if not key:
+        print("lockgate: this command acts as a key with the approver or admin role: put it in LOCKGATE_API_KEY "
+              "or a file named by --key-file", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        runtime = await build_runtime(_settings(args))
+        try:
+            principal = await runtime.keys.authenticate(key)
+            return await action(runtime, principal)
+        except GatewayError as exc:
+            print(f"lockgate: {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            await runtime.close()
+
+    return asyncio.run(run())
+
+
+def cmd_approvals_list(args: argparse.Namespace) -> int:
+    async def action(runtime: Runtime, principal: Principal) -> int:
+        rows = await runtime.approvals.list(principal.org, None if args.status == "all" else args.status)
+        if args.json:
+            from gateway.approvals import public
+
+            print(json.dumps([public(a) for a in rows], indent=2))
+            return 0
+        _table(["ID", "STATUS", "USER", "TEAM", "ENDPOINT", "MODEL", "APPROVERS", "REASON", "CREATED", "EXPIRES"], [
+            [a.id, a.status, a.user, a.team, a.endpoint, a.model, ",".join(a.approvers) or "-", a.reason,
              _when(a.created_at), _when(a.expires_at)] for a in rows])
+        if not rows:
+            print(f"No {'' if args.status == 'all' else args.status + ' '}approvals in org {principal.org}.",
+                  file=sys.stderr)
         return 0
 
-    return _with_store(args, action)
+    return _as_principal(args, action)
+
+
+def cmd_approvals_show(args: argparse.Namespace) -> int:
+    from gateway.approvals import public
+
+    async def action(runtime: Runtime, principal: Principal) -> int:
+        print(json.dumps(public(await runtime.approvals.visible(args.approval_id, principal)), indent=2))
+        return 0
+
+    return _as_principal(args, action)
 
 
 def _decide(approve: bool) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        from gateway.approvals import ApprovalQueue
+        async def action(runtime: Runtime, principal: Principal) -> int:
+            approval = await runtime.approvals.decide(args.approval_id, principal, approve, args.reason)
+            print(f"{'Approved' if approve else 'Denied'} {approval.id} as {principal.user} (key {principal.key_id}).")
+            return 0
 
-        async def action(engine: AsyncEngine) -> int:
-            if await ApprovalQueue(engine).decide(args.approval_id, approve, args.by):
-                print(f"{'Approved' if approve else 'Denied'} {args.approval_id}.")
-                return 0
-            print(f"lockgate: {args.approval_id} is not a pending approval", file=sys.stderr)
-            return 1
-
-        return _with_store(args, action)
+        return _as_principal(args, action)
 
     return command
 
@@ -256,13 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     approvals = commands.add_parser("approvals", help="the approval queue").add_subparsers(
         dest="approvals", required=True)
-    alist = approvals.add_parser("list", help="approvals, oldest first")
-    alist.add_argument("--status", default="pending", choices=["pending", "approved", "denied", "used", "all"])
+    key_help = "file holding the key to act as (default: the environment variable LOCKGATE_API_KEY)"
+    alist = approvals.add_parser("list", help="your org's approvals, oldest first")
+    alist.add_argument("--status", default="pending", choices=[*APPROVAL_STATES, "all"])
+    alist.add_argument("--json", action="store_true")
+    alist.add_argument("--key-file", help=key_help)
     alist.set_defaults(func=cmd_approvals_list)
+    ashow = approvals.add_parser("show", help="one approval")
+    ashow.add_argument("approval_id")
+    ashow.add_argument("--key-file", help=key_help)
+    ashow.set_defaults(func=cmd_approvals_show)
     for verb, approve in (("approve", True), ("deny", False)):
-        decide = approvals.add_parser(verb, help=f"{verb} a pending call")
+        decide = approvals.add_parser(verb, help=f"{verb} a pending call, as the key's principal")
         decide.add_argument("approval_id")
-        decide.add_argument("--by", required=True, help="who decides (recorded)")
+        decide.add_argument("--reason", help="why (recorded, and shown to the caller when denied)")
+        decide.add_argument("--key-file", help=key_help)
         decide.set_defaults(func=_decide(approve))
 
     policy = commands.add_parser("policy", help="policies").add_subparsers(dest="policy", required=True)

@@ -11,8 +11,12 @@
     ├── PermissionDenied              403 permission_error
     │   ├── PolicyDenied                  / policy_denied
     │   ├── PolicyFailed                  / policy_error      (the engine failed: fail closed)
-    │   ├── ApprovalRequired              / approval_required
-    │   └── ApprovalRejected              / approval_denied
+    │   ├── ApprovalRejected              / approval_denied, approval_expired, approval_mismatch
+    │   └── DecisionRefused               / approval_forbidden, self_approval (a decider may not decide)
+    ├── ApprovalNotFound              404 invalid_request_error / approval_not_found
+    ├── ApprovalPending               408 permission_error / approval_pending (retry: attaches to the approval)
+    ├── ApprovalConflict              409 invalid_request_error / approval_conflict (decided, running or used)
+    ├── TooManyApprovals              429 rate_limit_exceeded / too_many_pending_approvals
     ├── BudgetExceeded                429 insufficient_quota / budget_exceeded
     ├── StoreUnavailable              503 server_error / store_unavailable
     ├── ClientClosed                  499 (never sent: the client left mid-stream; audit only)
@@ -43,6 +47,7 @@ class GatewayError(Exception):
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
     retryable: ClassVar[bool] = True
+    tell_retry: ClassVar[bool] = False  # say ``x-should-retry: true``: the SDK retries whatever the status
     default_message: ClassVar[str] = "The gateway failed to handle this request."
 
     def __init__(self, message: str | None = None, *, param: str | None = None,
@@ -120,14 +125,61 @@ class PolicyFailed(PermissionDenied):
     default_message = "The policy could not be evaluated, so the call was denied."
 
 
-class ApprovalRequired(PermissionDenied):
-    code = "approval_required"
-    default_message = "This call needs approval."
-
-
 class ApprovalRejected(PermissionDenied):
+    """The call's approval was denied or expired, or it was given for another request."""
+
     code = "approval_denied"
-    default_message = "The approval for this call was denied, has expired or does not match it."
+    default_message = "The approval for this call was denied."
+
+    def __init__(self, message: str | None = None, *, code: str = "approval_denied") -> None:
+        super().__init__(message)
+        self.code = code  # type: ignore[misc]
+
+
+class DecisionRefused(PermissionDenied):
+    """A decider who may not decide this approval (the policy's may_approve, or her own call)."""
+
+    code = "approval_forbidden"
+    default_message = "You may not decide this approval."
+
+    def __init__(self, message: str | None = None, *, code: str = "approval_forbidden") -> None:
+        super().__init__(message)
+        self.code = code  # type: ignore[misc]
+
+
+class ApprovalNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "approval_not_found"
+    retryable = False
+    default_message = "No approval with this id was found."
+
+
+class ApprovalPending(GatewayError):
+    """The hold limit passed before anyone decided: the client is told to retry (``x-should-retry:
+    true``), and the identical request attaches to the same pending approval."""
+
+    status = 408
+    type = "permission_error"
+    code = "approval_pending"
+    tell_retry = True
+    default_message = "This call is still waiting for approval."
+
+
+class ApprovalConflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "approval_conflict"
+    retryable = False
+    default_message = "This approval is no longer in a state that allows this."
+
+
+class TooManyApprovals(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "too_many_pending_approvals"
+    retryable = False
+    default_message = "Too many of your calls are waiting for approval."
 
 
 class BudgetExceeded(GatewayError):
@@ -226,7 +278,8 @@ class UpstreamUnavailable(UpstreamError):
 
 # Anthropic's error types, by status (https://docs.anthropic.com/en/api/errors).
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                    409: "invalid_request_error", 413: "request_too_large",
                     429: "rate_limit_error", 499: "api_error", 500: "api_error", 502: "api_error",
                     503: "overloaded_error", 504: "api_error", 529: "overloaded_error"}
 
@@ -249,7 +302,7 @@ def error_headers(exc: GatewayError) -> dict[str, str]:
     makes on its own must be one that can help, and one the gateway has not already made."""
     if not exc.should_retry:
         return {"x-should-retry": "false"}
-    headers = {}
+    headers = {"x-should-retry": "true"} if exc.tell_retry else {}
     if exc.retry_after_s is not None:
         headers["retry-after"] = str(max(0, math.ceil(exc.retry_after_s)))  # whole seconds, never sooner
         headers["retry-after-ms"] = str(max(0, round(exc.retry_after_s * 1000)))

@@ -24,16 +24,20 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.approvals import APPROVAL_HEADER, ApprovalQueue
+from gateway.approvals import APPROVAL_HEADER, MODE_HEADER, ApprovalQueue, fingerprint, public, summary
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore, bearer_token
 from gateway.budgets import BudgetLedgerStore, Reservation
 from gateway.endpoints import EndpointSpec, StreamReader
 from gateway.endpoints.checks import parse_json_body
 from gateway.errors import (
+    ApprovalConflict,
+    ApprovalNotFound,
+    ApprovalPending,
+    ApprovalRejected,
     AuthenticationFailed,
     BudgetExceeded,
     ClientClosed,
@@ -43,18 +47,23 @@ from gateway.errors import (
     PermissionDenied,
     PolicyDenied,
     RequestTooLarge,
+    TooManyApprovals,
+    UpstreamError,
     UpstreamUnavailable,
 )
 from gateway.policy import DECISION, PolicyStage, build_input
 from gateway.routing import Router, RouteResult
 from gateway.sse import SSEResponse
-from gateway.store import rfc3339, utcnow
+from gateway.store import Approval, rfc3339, utcnow
 from gateway.stored_responses import StoredResponses
 from gateway.types import CallFacts, CatalogModel, Decision, Principal, ReplyFacts, Usage
 
 log = logging.getLogger("lockgate.pipeline")
 
 MAX_MICRO_USD = 2**63 - 1  # what the ledger's BIGINT columns hold
+# Errors that refuse a call (recorded as "denied"), as opposed to failures.
+REFUSALS = (AuthenticationFailed, PermissionDenied, BudgetExceeded, ApprovalConflict, ApprovalNotFound,
+            TooManyApprovals)
 
 
 @dataclass
@@ -76,6 +85,9 @@ class Call:
     usage: Usage = field(default_factory=Usage)
     cost_micro_usd: int = 0
     reservation: Reservation | None = None
+    approval: Approval | None = None  # the approval this call asked for, or runs under
+    approval_claimed: bool = False  # this call moved its approval to executing: _end records the outcome
+    outcome: str | None = None  # set only where the error does not tell it (a 202 is "held")
     ended: bool = False
 
     @property
@@ -86,6 +98,14 @@ class Call:
         return {"lockgate-decision-id": self.decision_id, "lockgate-trace-id": self.trace_id}
 
 
+@dataclass(frozen=True)
+class Holding:
+    """How long calls wait for their approval (settings approval_hold_s, approval_keepalive_s)."""
+
+    hold_s: float
+    keepalive_s: float
+
+
 # Serves a call that is no model call (reading a stored response) once the pipeline has
 # authenticated its caller; the pipeline still traces and records it.
 Serve = Callable[[Request, Call], Awaitable[Response]]
@@ -94,7 +114,8 @@ Serve = Callable[[Request, Call], Awaitable[Response]]
 class Pipeline:
     def __init__(self, *, keys: KeyStore, policy: PolicyStage, approvals: ApprovalQueue,
                  ledger: BudgetLedgerStore, router: Router, audit: AuditWriter, tracer: Tracer,
-                 max_request_bytes: int, max_request_depth: int, responses: StoredResponses) -> None:
+                 max_request_bytes: int, max_request_depth: int, responses: StoredResponses,
+                 holding: Holding) -> None:
         self.keys = keys
         self.policy = policy
         self.approvals = approvals
@@ -106,6 +127,7 @@ class Pipeline:
         self.max_request_depth = max_request_depth
         self._decision_ids = random.Random()
         self.responses = responses
+        self.holding = holding
 
     async def handle(self, request: Request, spec: EndpointSpec, serve: Serve | None = None) -> GovernedResponse:
         """Serve one call: through every stage, or, given ``serve``, authenticated and then served by
@@ -157,13 +179,25 @@ class Pipeline:
         models = self.router.candidates(spec.name, decision.route_model or facts.model, decision.fallbacks)
         call.route = RouteResult(model=models[0])
         if decision.approval is not None:                                            # 4 hold
-            await self.approvals.hold(principal, models[0].name, raw, decision.approval,
-                                      headers.get(APPROVAL_HEADER), call.now)
+            return await self._hold(request, call, raw, body, decision)
+        return await self._execute(call, body, decision, models, forwarded_headers(headers, spec))
+
+    async def _execute(self, call: Call, body: dict[str, Any], decision: Decision, models: list[CatalogModel],
+                       passed_on: Mapping[str, str], approval: Approval | None = None) -> Response | SSEResponse:
+        """Stages 5 to 9, once the call may run (``approval``: the approval it runs under)."""
+        spec, facts = call.spec, call.facts
+        assert facts is not None and call.route is not None
         upstream_body = spec.limit(body, decision.max_tokens)
         if spec.billable:  # counting tokens costs nothing, so it neither holds nor needs budget
             call.reservation = await self.ledger.reserve(                            # 5 reserve
                 decision.budgets, self._worst_case(call, facts, decision, models), call.now)
-        passed_on = forwarded_headers(headers, spec)
+        if approval is not None:
+            # Consumed only with a reservation that lets the call run; _end gives it back if the
+            # provider cannot have billed a failed attempt.
+            if not await self.approvals.claim(approval, call.decision_id, call.now):
+                raise ApprovalConflict(f"Approval {approval.id} is already being used by another call; an "
+                                       "approved call runs once.")
+            call.approval_claimed = True
         if facts.stream:
             events = await self.router.stream(spec.name, models, upstream_body,       # 6 route + call
                                               call.root, call.route, (reader := spec.stream_reader(facts)).facts,
@@ -175,6 +209,109 @@ class Pipeline:
         await self._inspect(call.reply, call)                                        # 7 inspect
         self._end(call, status=200)                                                  # 8 settle, 9 record
         return Response(reply.body, media_type=reply.content_type, headers=call.headers())
+
+    async def _hold(self, request: Request, call: Call, raw: bytes, body: dict[str, Any],
+                    decision: Decision) -> Response | SSEResponse:
+        """Stage 4: open (or attach to) the call's approval and wait for it (docs/approvals.md)."""
+        principal, facts, spec, headers = call.principal, call.facts, call.spec, request.headers
+        assert principal is not None and facts is not None and decision.approval is not None and call.route
+        print_ = fingerprint(principal.key_id, spec.name, raw)
+        asked = headers.get(APPROVAL_HEADER)
+        if asked:
+            approval = await self.approvals.get(asked)
+            if approval is None or approval.key_id != principal.key_id or approval.kind != "request":
+                raise ApprovalNotFound(f"No approval with id '{asked[:64]}' was found for this key.")
+            if approval.request_sha256 != print_:
+                raise ApprovalRejected(f"Approval {approval.id} was given for a different request; send the exact "
+                                       "request it was given for.", code="approval_mismatch")
+        else:
+            context = call.root.get_span_context()
+            opened = await self.approvals.open(
+                principal, endpoint=spec.name, model=call.route.model.name, print_=print_,
+                summary=summary(facts, self._estimate(facts, spec)), requirement=decision.approval,
+                trace=(call.trace_id, format(context.span_id, "016x")), now=call.now)
+            approval = opened.approval
+        call.approval = approval
+        call.root.set_attribute("lockgate.approval.id", approval.id)
+        passed_on = forwarded_headers(headers, spec)
+        if approval.status == "pending":
+            if headers.get(MODE_HEADER, "").lower() == "async":
+                call.outcome = "held"
+                response = JSONResponse({**public(approval), "status_url": f"/v1/approvals/{approval.id}"},
+                                        status_code=202, headers=call.headers())
+                response.headers["location"] = f"/v1/approvals/{approval.id}"
+                self._end(call, status=202)
+                return response
+            if facts.stream:
+                # Answer a quick decision as an ordinary response; past the first keep-alive,
+                # start the stream and keep it open with comments until the approval is decided.
+                approval = await self.approvals.wait(approval.id, min(self.holding.keepalive_s, self.holding.hold_s))
+                if approval is not None and approval.status == "pending":
+                    return SSEResponse(self._held_stream(call, body, approval, passed_on), headers=call.headers())
+            else:
+                approval = await self.approvals.wait(approval.id, self.holding.hold_s)
+                if approval is not None and approval.status == "pending":
+                    raise ApprovalPending(
+                        f"This call is still waiting for approval {approval.id} ({approval.reason}). Send the same "
+                        "request again to keep waiting: it attaches to the same approval.", retry_after_s=1.0)
+        return await self._run_approved(call, body, approval, passed_on)
+
+    async def _run_approved(self, call: Call, body: dict[str, Any], approval: Approval | None,
+                            passed_on: Mapping[str, str]) -> Response | SSEResponse:
+        """Run a call whose approval was decided: checked again, then executed once."""
+        if approval is None:
+            raise ApprovalNotFound("The approval of this call is gone.")
+        if approval.status == "executing" and self.audit.holds_approval(approval.id):
+            await self.audit.flush()  # its last call ended a moment ago: its outcome is still queued
+            approval = await self.approvals.get(approval.id) or approval
+        if approval.status == "denied":
+            note = f": {approval.decision_note}" if approval.decision_note else ""
+            raise ApprovalRejected(f"Approval {approval.id} was denied by {approval.decided_by}{note}.")
+        if approval.status == "expired":
+            raise ApprovalRejected(f"Approval {approval.id} expired before anyone decided it ({approval.reason}).",
+                                   code="approval_expired")
+        if approval.status == "pending":  # the status URL's caller in async mode, asking too early
+            raise ApprovalConflict(f"Approval {approval.id} is still pending.")
+        if approval.status != "approved":
+            raise ApprovalConflict(f"Approval {approval.id} was already used (it is {approval.status}); an approved "
+                                   "call runs once.")
+        call.approval = approval
+        principal, facts = call.principal, call.facts
+        assert principal is not None and facts is not None
+        call.now = utcnow()  # at execution the policy and the budgets are checked again
+        decision = await self._decide(principal, facts, call)
+        models = self.router.candidates(call.spec.name, decision.route_model or facts.model, decision.fallbacks)
+        call.route = RouteResult(model=models[0])
+        return await self._execute(call, body, decision, models, passed_on,
+                                   approval if decision.approval is not None else None)
+
+    async def _held_stream(self, call: Call, body: dict[str, Any], approval: Approval,
+                           passed_on: Mapping[str, str]) -> AsyncIterator[bytes]:
+        """A held streamed call: comments while it waits, then the call's own stream (or its error)."""
+        inner: AsyncIterator[bytes] | None = None
+        current: Approval | None = approval
+        try:
+            while current is not None and current.status == "pending":
+                yield b": waiting for approval " + approval.id.encode() + b"\n\n"
+                current = await self.approvals.wait(approval.id, self.holding.keepalive_s)
+            with trace.use_span(call.root, end_on_exit=False):
+                response = await self._run_approved(call, body, current, passed_on)
+            assert isinstance(response, SSEResponse)
+            inner = response.events
+            async for event in inner:
+                yield event
+        except GatewayError as exc:
+            self._end(call, status=exc.status, error=exc)
+            yield call.spec.error_event(exc)
+        except Exception as exc:
+            log.exception("held stream failed in decision %s", call.decision_id)
+            error = GatewayError()
+            error.__cause__ = exc
+            self._end(call, status=500, error=error)
+            yield call.spec.error_event(error)
+        finally:
+            if inner is not None:
+                await inner.aclose()  # type: ignore[attr-defined]
 
     async def _serve(self, request: Request, call: Call, serve: Serve) -> Response:
         headers = request.headers
@@ -323,9 +460,23 @@ class Pipeline:
             return
         call.ended = True
         self._settle(call)
+        if call.approval_claimed and call.approval is not None:
+            self.audit.add_approval_outcome(call.approval.id, call.decision_id, self._approval_outcome(call, error),
+                                            utcnow())
         if error is None and call.spec.keeps_responses:
             self._keep_response(call)
         self._record(call, status=status, error=error)
+
+    @staticmethod
+    def _approval_outcome(call: Call, error: GatewayError | None) -> str:
+        """What the call made of its approval: executed; usable again (approved) when it failed
+        before the provider could have billed anything; otherwise failed, and spent."""
+        if error is None:
+            return "executed"
+        attempted = call.route is not None and call.route.attempts
+        if not attempted or (isinstance(error, UpstreamError) and not error.billable_risk):
+            return "approved"
+        return "failed"
 
     def _keep_response(self, call: Call) -> None:
         """Remember who made a response the provider keeps, and where (gateway/stored_responses.py);
@@ -362,13 +513,15 @@ class Pipeline:
             root.set_status(Status(StatusCode.ERROR, error.message))
         root.set_attributes(attributes)  # one call: the SDK locks and checks per call, not per batch
         root.end()
-        denied = isinstance(error, (AuthenticationFailed, PermissionDenied, BudgetExceeded))
-        principal, facts = call.principal, call.facts
+        denied = isinstance(error, REFUSALS)
+        principal, facts, approval = call.principal, call.facts, call.approval
+        outcome = call.outcome or ("allowed" if error is None else "held" if isinstance(error, ApprovalPending)
+                                   else "denied" if denied else "failed")
         self.audit.add_decision({
             "id": call.decision_id,
             "trace_id": call.trace_id,
             "created_at": call.now,
-            "outcome": "allowed" if error is None else ("denied" if denied else "failed"),
+            "outcome": outcome,
             "status_code": status,
             "endpoint": call.spec.name,
             "key_id": principal.key_id if principal else None,
@@ -388,6 +541,10 @@ class Pipeline:
             "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
             "policy_input": call.policy_input,
             "decision": call.raw_decision if isinstance(call.raw_decision, dict) else None,
+            "approval_id": approval.id if approval else None,
+            "approved_by": approval.decided_by if approval and approval.decided_at and approval.status != "denied"
+            else None,
+            "approved_at": approval.decided_at if approval and approval.status != "denied" else None,
         })
 
 
@@ -427,14 +584,17 @@ class GovernedResponse:
 
 
 class GovernedEndpoint:
-    """The ASGI app of one model endpoint: every method reaches the pipeline, so even a wrong
-    method is answered in the endpoint's error shape and recorded."""
+    """The ASGI app of one endpoint. A model endpoint: every method reaches the pipeline, so even a
+    wrong method is answered in the endpoint's error shape and recorded. Given ``serve`` (a route
+    that is no model call: /v1/models, stored responses, approvals): the pipeline authenticates,
+    traces and records the call, and ``serve`` answers it."""
 
-    def __init__(self, spec: EndpointSpec) -> None:
+    def __init__(self, spec: EndpointSpec, serve: Serve | None = None) -> None:
         self.spec = spec
+        self.serve = serve
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         pipeline: Pipeline = request.state.runtime.pipeline
-        response = await pipeline.handle(request, self.spec)
+        response = await pipeline.handle(request, self.spec, serve=self.serve)
         await response(scope, receive, send)

@@ -24,7 +24,7 @@ from gateway.audit.tracing import build_tracer_provider
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore
 from gateway.budgets import BudgetLedgerStore
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Holding, Pipeline
 from gateway.policy import PolicyStage
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.preflight import run_preflight
@@ -35,6 +35,7 @@ from gateway.store import DirectStatements, create_store_engine, create_tables
 from gateway.stored_responses import StoredResponses
 from gateway.types import Provider
 from gateway.upstream import UpstreamClient, build_http_client
+from gateway.webhook import Webhook
 
 
 class StartupError(RuntimeError):
@@ -57,6 +58,7 @@ class Runtime:
     pipeline: Pipeline
 
     async def close(self) -> None:
+        await self.approvals.close()
         self.tracer_provider.shutdown()  # spans are already rows in the writer; this stops the extra processors
         await self.audit.close()
         await self.http.aclose()
@@ -145,11 +147,17 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
         await direct.close()
         raise StartupError(str(exc)) from None
     keys = KeyStore(engine, settings.auth_cache_ttl_s)
-    approvals = ApprovalQueue(engine)
+    webhook = None
+    if settings.approval_webhook_url:
+        webhook = Webhook(settings.approval_webhook_url, settings.secret(settings.approval_webhook_secret_env))
+    approvals = ApprovalQueue(engine, policy=policy, tracer=tracer, poll_interval_s=settings.approval_poll_interval_s,
+                              max_pending=settings.approval_max_pending, use_s=settings.approval_use_s,
+                              webhook=webhook)
     ledger = BudgetLedgerStore(engine, direct, settings.spend_cache_ttl_s)
     pipeline = Pipeline(keys=keys, policy=policy, approvals=approvals, ledger=ledger, router=router,
                         audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes,
-                        max_request_depth=settings.max_request_depth, responses=StoredResponses(engine, audit))
+                        max_request_depth=settings.max_request_depth, responses=StoredResponses(engine, audit),
+                        holding=Holding(hold_s=settings.approval_hold_s, keepalive_s=settings.approval_keepalive_s))
     audit.start()
     return Runtime(settings=settings, engine=engine, direct=direct, http=http,
                    tracer_provider=tracer_provider, audit=audit,

@@ -170,6 +170,8 @@ DEFAULT_MODELS: list[dict[str, Any]] = [
      "input_usd_per_mtok": 2.50, "output_usd_per_mtok": 10.00},
 ]
 
+SECRET_ENV_NAMES = ("CONFIG", "API_KEY", "WEBHOOK_SECRET")  # LOCKGATE_* variables that are no setting
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", "Address the gateway listens on.", str),
     Setting("port", 8080, "Port the gateway listens on.", _positive(int)),
@@ -219,6 +221,25 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between writes of buffered decision records, spans and budget settlements to the store; "
             "a call's reservation is held until its settlement is written.", _positive(float)),
     Setting("audit_batch_size", 512, "Buffered decision records that trigger an immediate write.", _positive(int)),
+    Setting("approval_hold_s", 300.0,
+            "Seconds a call that needs approval is held open for the decision; then the client is told to "
+            "retry (`x-should-retry: true`), and its retry waits on the same approval. A held stream, kept "
+            "alive by comments, waits until the approval is decided or expires.", _positive(float)),
+    Setting("approval_keepalive_s", 15.0,
+            "Seconds between the SSE comment lines a held streamed call receives while it waits.", _positive(float)),
+    Setting("approval_poll_interval_s", 1.0,
+            "Seconds between looks in the store for decisions made by another process (PostgreSQL "
+            "also wakes held calls at once by LISTEN/NOTIFY).", _positive(float)),
+    Setting("approval_use_s", 3600.0, "Seconds an approved call may still be started after the decision.",
+            _positive(float)),
+    Setting("approval_max_pending", 20, "Most pending approvals one user may have at once; past it, a 429.",
+            _positive(int)),
+    Setting("approval_webhook_url", None,
+            "URL that receives a JSON POST (Slack-compatible `text`) when a call starts waiting for approval.",
+            _optional_str),
+    Setting("approval_webhook_secret_env", "LOCKGATE_WEBHOOK_SECRET",
+            "Environment variable holding the key of the webhook's HMAC-SHA256 signature "
+            "(`Lockgate-Signature` header).", str),
     Setting("max_request_bytes", 4 * 1024 * 1024, "Largest request body accepted.", _positive(int)),
     Setting("max_request_depth", 32, "Deepest nesting of JSON objects and arrays accepted in a request body "
             f"(at most {MAX_REQUEST_DEPTH}).", _depth),
@@ -289,7 +310,8 @@ def load_settings(config_path: str | Path | None = None, environ: Mapping[str, s
             raise SettingsError(f"config file {path}: unknown settings {', '.join(unknown)}")
         file_values = loaded
 
-    known_env = {ENV_PREFIX + name.upper() for name in _BY_NAME} | {ENV_PREFIX + "CONFIG"}
+    # Secrets are read from the environment, never from settings: the CLI's key, the webhook's key.
+    known_env = {ENV_PREFIX + name.upper() for name in _BY_NAME} | {ENV_PREFIX + n for n in SECRET_ENV_NAMES}
     unknown_env = sorted(key for key in environ if key.startswith(ENV_PREFIX) and key not in known_env)
     if unknown_env:
         raise SettingsError(f"unknown environment settings {', '.join(unknown_env)}")

@@ -73,6 +73,10 @@ class SSEResponse:
         self._headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         self.client_disconnected = False
 
+    @property
+    def events(self) -> AsyncIterator[bytes]:
+        return self._events
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.create_task(self._watch(receive))
         try:

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Table, event
-from sqlalchemy.engine import make_url
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
 
@@ -56,21 +57,37 @@ class BudgetLedger(SQLModel, table=True):
 
 
 class Approval(SQLModel, table=True):
+    """A call held for a human decision (gateway/approvals.py, docs/approvals.md). Every change of
+    ``status`` is one conditional UPDATE: pending -> approved | denied | expired, and
+    approved -> executing -> executed | failed (or back to approved when the provider cannot have
+    billed the failed attempt)."""
+
     __tablename__ = "approvals"
 
     id: str = Field(primary_key=True)
-    status: str = Field(index=True)  # pending | approved | denied | used
+    status: str = Field(index=True)
+    kind: str = "request"  # request: the call itself; reply: a tool call in the model's reply
     key_id: str
-    user: str
+    user: str = Field(index=True)
     team: str
+    org: str = Field(default="default", index=True)
+    endpoint: str = ""
     model: str
-    request_sha256: str
+    request_sha256: str = Field(index=True)  # of the key, the endpoint and the exact body
+    summary: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     reason: str
     approvers: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    trace_id: str | None = None  # the trace of the call that asked: every transition is a span in it
+    span_id: str | None = None
     created_at: datetime
-    expires_at: datetime
-    decided_by: str | None = None
+    expires_at: datetime  # no decision after this: expired, whether or not a process was running
+    decided_by: str | None = None  # the decider's user
+    decided_by_key: str | None = None
     decided_at: datetime | None = None
+    decision_note: str | None = None
+    use_by: datetime | None = None  # an approved call must start before this
+    executed_by: str | None = None  # the decision id of the call that ran (or runs) it
+    executed_at: datetime | None = None
 
 
 class DecisionRecord(SQLModel, table=True):
@@ -81,7 +98,7 @@ class DecisionRecord(SQLModel, table=True):
     id: str = Field(primary_key=True)
     trace_id: str = Field(index=True)
     created_at: datetime = Field(index=True)
-    outcome: str  # allowed | denied | failed
+    outcome: str  # allowed | denied | held | failed
     status_code: int
     endpoint: str
     key_id: str | None = None
@@ -101,6 +118,9 @@ class DecisionRecord(SQLModel, table=True):
     duration_ms: float = 0.0
     policy_input: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     decision: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    approval_id: str | None = Field(default=None, index=True)  # the approval this call asked for or ran under
+    approved_by: str | None = None
+    approved_at: datetime | None = None
 
 
 class StoredResponse(SQLModel, table=True):
@@ -154,6 +174,11 @@ def async_url(url: str) -> str:
         if url.startswith(plain):
             return "postgresql+asyncpg://" + url[len(plain):]
     return url
+
+
+def asyncpg_dsn(url: URL) -> str:
+    """The DSN asyncpg itself takes for a store URL (password included: never log it)."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 SQLITE_PRAGMAS = (
@@ -216,8 +241,8 @@ class DirectStatements:
             return cls(_SQLiteThread(path))
         import asyncpg  # the postgres extra
 
-        dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-        return cls(_PostgresPool(await asyncpg.create_pool(dsn, min_size=1, max_size=max_connections)))
+        return cls(_PostgresPool(await asyncpg.create_pool(asyncpg_dsn(parsed), min_size=1,
+                                                           max_size=max_connections)))
 
     def _native(self, sql: str) -> str:
         if not self._qmark:
@@ -227,6 +252,10 @@ class DirectStatements:
     async def rowcount(self, sql: str, *params: Any) -> int:
         """Run one statement in its own transaction; the number of rows it changed."""
         return await self._backend.rowcount(self._native(sql), params)
+
+    def datetime_value(self, value: datetime) -> Any:
+        """A datetime as a parameter of a statement here (as ``insert`` stores it)."""
+        return _sqlite_datetime(value) if self._qmark else value
 
     def insert(self, table: Table, rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
         """An INSERT of ``rows`` (dicts keyed by column) for ``write_batch``, with values stored
@@ -431,5 +460,19 @@ def _json_dumps(value: Any) -> str:
 
 
 async def create_tables(engine: AsyncEngine) -> None:
+    """Create missing tables, and add the columns a newer Lockgate defines to a store an older one
+    made (nullable, so the rows already there stay valid). Nothing is ever dropped or changed."""
     async with engine.begin() as connection:
         await connection.run_sync(SQLModel.metadata.create_all)
+        await connection.run_sync(_add_missing_columns)
+
+
+def _add_missing_columns(connection: Any) -> None:
+    inspector = sa_inspect(connection)
+    for table in SQLModel.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=connection.dialect)
+                log.warning("adding column %s.%s to the store", table.name, column.name)
+                connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')

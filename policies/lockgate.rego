@@ -36,7 +36,7 @@ approval_request := {
 	"required": true,
 	"reason": sprintf("tool %s needs approval", [held_tools[0]]),
 	"approvers": data.lockgate.approval_tools[held_tools[0]].approvers,
-	"timeout_s": 900,
+	"timeout_s": object.get(data.lockgate.approval_tools[held_tools[0]], "timeout_s", 900),
 } if {
 	count(held_tools) > 0
 } else := {"required": false}
@@ -56,3 +56,10 @@ decision := {
 	count(deny) == 0
 	team
 }
+
+# Who may decide an approval (the gateway asks with input.approval and input.decider): a member of
+# one of the teams the decision named as its approvers. The gateway itself refuses, whatever this
+# says, a decider without the approver or admin role, of another org, or deciding her own call.
+default may_approve := false
+
+may_approve if input.decider.team in input.approval.approvers

@@ -53,3 +53,15 @@ test_plain_tools_need_no_approval if {
 	d := lockgate.decision with input as object.union(base, {"request": object.union(base.request, {"tools": ["search_web"]})})
 	d.approval.required == false
 }
+
+test_an_approver_team_member_may_approve if {
+	lockgate.may_approve with input as {"approval": {"approvers": ["finance"]}, "decider": {"team": "finance"}}
+}
+
+test_another_team_may_not_approve if {
+	not lockgate.may_approve with input as {"approval": {"approvers": ["finance"]}, "decider": {"team": "research"}}
+}
+
+test_no_named_approvers_means_nobody if {
+	not lockgate.may_approve with input as {"approval": {"approvers": []}, "decider": {"team": "finance"}}
+}

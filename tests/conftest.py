@@ -132,11 +132,11 @@ def ledger(engine: AsyncEngine, direct: DirectStatements) -> BudgetLedgerStore:
     return BudgetLedgerStore(engine, direct, 0)
 
 
-async def _create_key(url: str, team: str, user: str, org: str) -> str:
+async def _create_key(url: str, team: str, user: str, org: str, roles: tuple[str, ...] = ()) -> str:
     engine = create_store_engine(url)
     try:
         await create_tables(engine)
-        return (await KeyStore(engine, 0).create(user=user, team=team, org=org)).key
+        return (await KeyStore(engine, 0).create(user=user, team=team, org=org, roles=roles)).key
     finally:
         await engine.dispose()
 
@@ -171,8 +171,9 @@ class Gateway:
     def v1(self) -> str:
         return self.base_url + "/v1"
 
-    def create_key(self, team: str = "research", user: str = "ana", org: str = "acme") -> str:
-        return str(run(_create_key(self.store_url, team, user, org)))
+    def create_key(self, team: str = "research", user: str = "ana", org: str = "acme",
+                   roles: tuple[str, ...] = ()) -> str:
+        return str(run(_create_key(self.store_url, team, user, org, roles)))
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from datetime import datetime
 from typing import Any
 
 from gateway.budgets import Reservation, settlement, settlement_statement
@@ -30,7 +31,18 @@ _TABLES = {"decision": DecisionRecord.__table__, "span": SpanRecord.__table__,  
 # 64 calls keep that wait near 2 ms. A flush writes as many transactions as it needs.
 CALLS_PER_TRANSACTION = 64
 
-Item = tuple[str, dict[str, Any]]  # ("decision" | "span" | "response" | "settlement", row)
+Item = tuple[str, dict[str, Any]]  # ("decision" | "span" | "response" | "settlement" | "approval", row)
+
+# The end of an approved call (gateway/approvals.py): only from executing, and only by the call
+# that claimed it, so a retried batch or a late writer can never move it twice.
+APPROVAL_OUTCOME = ("UPDATE approvals SET status = $1, executed_at = $2, "
+                    "executed_by = CASE WHEN $1 = 'approved' THEN NULL ELSE executed_by END "
+                    "WHERE id = $3 AND status = 'executing' AND executed_by = $4")
+
+
+def approval_outcome_statement(direct: DirectStatements, rows: list[dict[str, Any]]
+                               ) -> tuple[str, list[tuple[Any, ...]]]:
+    return APPROVAL_OUTCOME, [(r["status"], direct.datetime_value(r["at"]), r["id"], r["decision_id"]) for r in rows]
 
 
 class AuditWriter:
@@ -46,6 +58,7 @@ class AuditWriter:
         # Ids of stored responses queued and not yet written (gateway/stored_responses.py): an id
         # leaves this set only after its row was written or dropped.
         self._responses: set[str] = set()
+        self._approvals: set[str] = set()  # likewise, approvals whose outcome is queued
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -76,6 +89,17 @@ class AuditWriter:
     def holds_response(self, response_id: str) -> bool:
         """The row of this stored response is queued, not yet in the store."""
         return response_id in self._responses
+
+    def add_approval_outcome(self, approval_id: str, decision_id: str, status: str, at: datetime) -> None:
+        """What the call that ran an approval made of it (executed, failed, or approved again):
+        queued before the call's decision record, so both land in one transaction."""
+        self._approvals.add(approval_id)
+        self._pending.append(("approval", {"id": approval_id, "decision_id": decision_id, "status": status,
+                                           "at": at}))
+
+    def holds_approval(self, approval_id: str) -> bool:
+        """An outcome of this approval is queued, not yet in the store."""
+        return approval_id in self._approvals
 
     def add_span(self, row: dict[str, Any]) -> None:
         self._pending.append(("span", row))
@@ -128,6 +152,8 @@ class AuditWriter:
             finally:
                 if self._responses:
                     self._responses.difference_update(row["id"] for kind, row in items[:written] if kind == "response")
+                if self._approvals:
+                    self._approvals.difference_update(row["id"] for kind, row in items[:written] if kind == "approval")
                 # The store is away, or the flush was cancelled: keep the rest for the next one.
                 self._pending.extendleft(reversed(items[written:]))
                 self._decisions += sum(1 for kind, _ in items[written:] if kind == "decision")
@@ -135,10 +161,12 @@ class AuditWriter:
     async def _write(self, items: list[Item]) -> None:
         """One transaction; the settlements last, so PostgreSQL holds their ledger rows' locks
         (which reserving calls wait for) only for the end of it."""
-        rows: dict[str, list[dict[str, Any]]] = {"decision": [], "span": [], "response": [], "settlement": []}
+        rows: dict[str, list[dict[str, Any]]] = {"decision": [], "span": [], "response": [], "settlement": [],
+                                                 "approval": []}
         for kind, row in items:
             rows[kind].append(row)
         statements = [self._direct.insert(table, rows[kind]) for kind, table in _TABLES.items()]
+        statements.append(approval_outcome_statement(self._direct, rows["approval"]))
         statements.append(settlement_statement(rows["settlement"]))
         await self._direct.write_batch(statements)
 

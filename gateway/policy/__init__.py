@@ -7,6 +7,7 @@ shape, denies the call (fail closed).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -16,8 +17,11 @@ from gateway.policy.cache import DecisionCache
 from gateway.policy.embedded import PolicyEngineError
 from gateway.types import ApprovalRequirement, Budget, CallFacts, Decision, PolicyEngine, Principal
 
+log = logging.getLogger("lockgate.policy")
+
 DECISION = "data.lockgate.decision"
 RESPONSE_DECISION = "data.lockgate.response_decision"
+MAY_APPROVE = "data.lockgate.may_approve"
 
 MICRO = 1_000_000
 MAX_LIMIT_MICRO_USD = 2**62  # $4.6e12: any real budget, with room for spent + reserved + amount in 64 bits
@@ -161,3 +165,15 @@ class PolicyStage:
             return parse_decision(self.engine.evaluate(RESPONSE_DECISION, policy_input))
         except PolicyEngineError as exc:
             raise PolicyFailed(f"The response policy could not be evaluated, so the reply was withheld: {exc}") from exc
+
+    def may_approve(self, approval: Mapping[str, Any], decider: Principal) -> bool:
+        """``data.lockgate.may_approve`` for this approval and decider: only ``true`` lets her decide.
+        Undefined, anything else, or an engine error is a no (fail closed)."""
+        if not self.engine.defines(MAY_APPROVE):
+            return False
+        try:
+            return self.engine.evaluate(MAY_APPROVE, {"approval": dict(approval),
+                                                      "decider": decider.as_policy_input()}) is True
+        except PolicyEngineError:
+            log.exception("may_approve could not be evaluated; the decider is refused")
+            return False
