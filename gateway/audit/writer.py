@@ -35,14 +35,19 @@ Item = tuple[str, dict[str, Any]]  # ("decision" | "span" | "response" | "settle
 
 # The end of an approved call (gateway/approvals.py): only from executing, and only by the call
 # that claimed it, so a retried batch or a late writer can never move it twice.
-APPROVAL_OUTCOME = ("UPDATE approvals SET status = $1, executed_at = $2, "
-                    "executed_by = CASE WHEN $1 = 'approved' THEN NULL ELSE executed_by END "
-                    "WHERE id = $3 AND status = 'executing' AND executed_by = $4")
+# Approved again (the provider cannot have billed the failed attempt), it is free to run once more.
+APPROVAL_OUTCOME = ("UPDATE approvals SET status = $1, executed_at = $2, executed_by = $3 "
+                    "WHERE id = $4 AND status = 'executing' AND executed_by = $5")
 
 
 def approval_outcome_statement(direct: DirectStatements, rows: list[dict[str, Any]]
                                ) -> tuple[str, list[tuple[Any, ...]]]:
-    return APPROVAL_OUTCOME, [(r["status"], direct.datetime_value(r["at"]), r["id"], r["decision_id"]) for r in rows]
+    statement = []
+    for r in rows:
+        again = r["status"] == "approved"
+        statement.append((r["status"], None if again else direct.datetime_value(r["at"]),
+                          None if again else r["decision_id"], r["id"], r["decision_id"]))
+    return APPROVAL_OUTCOME, statement
 
 
 class AuditWriter:
