@@ -216,6 +216,17 @@ class ApprovalQueue:
             approval.status, approval.executed_by = "executing", decision_id
         return changed
 
+    async def release(self, approval: Approval) -> bool:
+        """A held reply's approval: approved -> executed as the reply is let go."""
+        now = utcnow()
+        return await self._transition(approval, "approved", {"status": "executed", "executed_at": now},
+                                      "lockgate.approval.executed", now)
+
+    async def expire(self, approval: Approval) -> None:
+        """pending -> expired before its deadline: the held reply it was for is gone."""
+        now = utcnow()
+        await self._transition(approval, "pending", {"status": "expired"}, "lockgate.approval.expired", now)
+
     # -- the decider's side --------------------------------------------------------------------
 
     async def decide(self, approval_id: str, decider: Principal, approve: bool, note: str | None,

@@ -56,7 +56,7 @@ from gateway.routing import Router, RouteResult
 from gateway.sse import SSEResponse
 from gateway.store import Approval, rfc3339, utcnow
 from gateway.stored_responses import StoredResponses
-from gateway.types import CallFacts, CatalogModel, Decision, Principal, ReplyFacts, Usage
+from gateway.types import ApprovalRequirement, CallFacts, CatalogModel, Decision, Principal, ReplyFacts, Usage
 
 log = logging.getLogger("lockgate.pipeline")
 
@@ -384,15 +384,58 @@ class Pipeline:
                                  param=param)
         return worst
 
-    async def _inspect(self, reply: ReplyFacts, call: Call) -> None:
-        """Stage 7: the reply's tool calls, when the policy reviews them (``response_decision``)."""
+    def _review(self, reply: ReplyFacts, call: Call) -> ApprovalRequirement | None:
+        """Stage 7: the reply's tool calls, when the policy reviews them (``response_decision``):
+        raises if it withholds the reply; the approval the reply needs before release, if any."""
         if not reply.tool_calls:
-            return
+            return None
         review = self.policy.review_response({**(call.policy_input or {}), "response": {
             "tool_calls": list(reply.tool_calls), "finish_reasons": list(reply.finish_reasons)}})
-        if review is not None and not review.allow:
+        if review is None:
+            return None
+        if not review.allow:
             call.reasons = review.reasons
             raise PolicyDenied("The policy withheld the reply: " + ("; ".join(review.reasons) or "no reason given"))
+        return review.approval
+
+    async def _inspect(self, reply: ReplyFacts, call: Call) -> None:
+        """Stage 7 for a whole reply: reviewed, and held for its approval if it needs one."""
+        requirement = self._review(reply, call)
+        if requirement is not None:
+            approval = await self._open_reply_approval(call, reply, requirement)
+            await self._release(call, reply, await self.approvals.wait(approval.id, self.holding.hold_s))
+
+    async def _open_reply_approval(self, call: Call, reply: ReplyFacts, requirement: ApprovalRequirement
+                                   ) -> Approval:
+        """A reply's tool calls wait for a decider like a call does; bound to this call only."""
+        assert call.principal is not None and call.facts is not None and call.route is not None
+        context = call.root.get_span_context()
+        opened = await self.approvals.open(
+            call.principal, endpoint=call.spec.name, model=call.route.model.name,
+            print_=fingerprint(call.principal.key_id, call.spec.name, call.decision_id.encode()),
+            summary={**summary(call.facts, 0), "reply_tool_calls": list(reply.tool_calls)},
+            requirement=requirement, trace=(call.trace_id, format(context.span_id, "016x")), now=utcnow(),
+            kind="reply")
+        call.root.set_attribute("lockgate.approval.reply_id", opened.approval.id)
+        return opened.approval
+
+    async def _release(self, call: Call, reply: ReplyFacts, approval: Approval | None) -> None:
+        """Let a held reply go once its approval is approved (and mark it executed), or refuse it."""
+        tools = ", ".join(dict.fromkeys(reply.tool_calls))
+        if approval is not None and approval.status == "approved" and await self.approvals.release(approval):
+            if call.approval is None:
+                call.approval = approval
+            return
+        if approval is not None and approval.status == "pending":
+            await self.approvals.expire(approval)  # not decided within the hold limit: too late for this reply
+            raise ApprovalRejected(f"The reply calls {tools}, which needs approval {approval.id}; nobody decided "
+                                   "within the hold limit.", code="approval_expired")
+        if approval is not None and approval.status == "denied":
+            note = f": {approval.decision_note}" if approval.decision_note else ""
+            raise ApprovalRejected(f"The reply calls {tools}; approval {approval.id} was denied by "
+                                   f"{approval.decided_by}{note}.")
+        raise ApprovalRejected(f"The reply calls {tools}; its approval expired before anyone decided it.",
+                               code="approval_expired")
 
     async def _relay(self, events: AsyncIterator[bytes], reader: StreamReader, call: Call) -> AsyncIterator[bytes]:
         """Relay a provider's stream event by event, reading it as it passes. When the policy
@@ -412,7 +455,14 @@ class Pipeline:
                         held.append(out)
                     if not reader.terminated:
                         continue
-                    await self._inspect(reader.facts, call)  # refused: the error event replaces what is held
+                    # Refused: the error event replaces what is held.
+                    requirement = self._review(reader.facts, call)
+                    if requirement is not None:
+                        approval: Approval | None = await self._open_reply_approval(call, reader.facts, requirement)
+                        while approval is not None and approval.status == "pending":
+                            yield b": waiting for approval " + approval.id.encode() + b"\n\n"
+                            approval = await self.approvals.wait(approval.id, self.holding.keepalive_s)
+                        await self._release(call, reader.facts, approval)
                     reviewed = len(reader.facts.tool_calls)
                     out = b"".join(held)
                     held.clear()

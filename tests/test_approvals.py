@@ -24,7 +24,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, Gateway, start_gateway, stop_gateway
+from tests.conftest import ROOT, Gateway, _truncate_all, run, start_gateway, stop_gateway
+from tests.fakes.openai_upstream import FakeOpenAI, error, tool_reply
 
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "transfer_funds", "description": "Move money between accounts", "parameters": {
@@ -356,7 +357,7 @@ def test_past_the_pending_limit_a_requester_gets_429(start: Start) -> None:
 class _Receiver(BaseHTTPRequestHandler):
     received: list[tuple[dict[str, str], bytes]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
         _Receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
         self.send_response(500 if len(_Receiver.received) == 1 else 200)  # the first delivery fails
@@ -388,3 +389,184 @@ def test_the_webhook_announces_a_waiting_call_signed_and_retried(start: Start) -
     message = json.loads(body)
     assert approval["id"] in message["text"] and "dan" in message["text"]
     assert message["approval"]["id"] == approval["id"] and "pay acme" not in body.decode()
+
+
+# --- exactly once, durably -----------------------------------------------------------------------
+
+def fake_catalog(upstream: FakeOpenAI) -> str:
+    """The default policy's mock-fast, served by the fake OpenAI provider."""
+    return json.dumps([{"name": "mock-fast", "provider": "openai", "base_url": upstream.url, "api_key_env":
+                        "FAKE_OPENAI_KEY", "upstream_model": "gpt-fake", "input_usd_per_mtok": 1.0,
+                        "output_usd_per_mtok": 2.0}])
+
+
+def approved_async(desk: Desk, content: str = "pay acme 100 EUR") -> str:
+    """An async-mode call of dan's, approved by carol: its approval id."""
+    raw = desk.sdk(max_retries=0).chat.completions.with_raw_response.create(
+        model="fast", tools=TOOLS, messages=[{"role": "user", "content": content}],
+        extra_headers={"Lockgate-Approval-Mode": "async"})
+    approval_id = str(json.loads(raw.content)["id"])
+    assert desk.decide(approval_id, "approve").status_code == 200
+    return approval_id
+
+
+def run_approved(desk: Desk, approval_id: str, content: str = "pay acme 100 EUR") -> Any:
+    return desk.sdk(max_retries=0).chat.completions.create(
+        model="fast", tools=TOOLS, messages=[{"role": "user", "content": content}],
+        extra_headers={"Lockgate-Approval": approval_id})
+
+
+def test_a_failure_the_provider_cannot_have_billed_leaves_the_approval_usable(
+        start: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_OPENAI_KEY", "sk-fake-approvals-0123456789")
+    with FakeOpenAI.running() as upstream:
+        desk = start(models=fake_catalog(upstream), upstream_retries="0")
+        usable = approved_async(desk)
+        upstream.script(error(503, "overloaded"), tool_reply("transfer_funds"))
+        with pytest.raises(openai.InternalServerError):
+            run_approved(desk, usable)  # refused before any work: nothing billed
+        assert desk.approval(usable)["status"] == "approved"
+        assert run_approved(desk, usable).choices[0].finish_reason == "tool_calls"
+        assert desk.approval(usable)["status"] == "executed"
+
+        spent = approved_async(desk, "pay acme 200 EUR")
+        upstream.script(error(500, "failed after the work"))
+        with pytest.raises(openai.InternalServerError):
+            run_approved(desk, spent, "pay acme 200 EUR")  # a 500: the provider may have billed
+        assert desk.approval(spent)["status"] == "failed"
+        with pytest.raises(openai.ConflictError):
+            run_approved(desk, spent, "pay acme 200 EUR")
+        assert len(upstream.requests) == 3
+
+
+def test_a_call_held_by_a_process_killed_with_sigkill_waits_again_after_restart(start: Start) -> None:
+    desk = start()
+    waiting = desk.pool.submit(lambda: desk.sdk(max_retries=0).chat.completions.create(
+        model="fast", tools=TOOLS, messages=PAY))
+    [approval] = desk.pending()
+    desk.gateway.process.kill()  # SIGKILL: no shutdown, no flush
+    desk.gateway.process.wait()
+    with pytest.raises(openai.APIConnectionError):
+        waiting.result(timeout=30)
+
+    again = start()  # a new process on the same store
+    again.carol_key, again.dan_key = desk.carol_key, desk.dan_key
+    retry = again.pool.submit(lambda: again.sdk().chat.completions.create(model="fast", tools=TOOLS, messages=PAY))
+    assert [a["id"] for a in again.pending()] == [approval["id"]]  # the pending approval survived
+    assert again.decide(approval["id"], "approve").status_code == 200
+    assert retry.result(timeout=30).choices[0].finish_reason == "tool_calls"
+    assert again.approval(approval["id"])["status"] == "executed"
+    assert len(again.api("GET", "/admin/approvals?status=all").json()["data"]) == 1
+
+
+def test_twenty_concurrent_runs_of_one_approval_on_two_processes_make_one_provider_call(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run(_truncate_all(postgres_url))
+    monkeypatch.setenv("FAKE_OPENAI_KEY", "sk-fake-approvals-0123456789")
+    with FakeOpenAI.running() as upstream:
+        upstream.script(*(tool_reply("transfer_funds") for _ in range(20)))
+        settings = {**HOLDING, "models": fake_catalog(upstream)}
+        first = start_gateway(postgres_url, tmp_path, **settings)
+        second = start_gateway(postgres_url, tmp_path, **settings)
+        try:
+            desks = [Desk(first), Desk(second)]
+            desks[1].dan_key, desks[1].carol_key = desks[0].dan_key, desks[0].carol_key
+            approval_id = approved_async(desks[0])
+            barrier = threading.Barrier(20)
+
+            def attempt(index: int) -> str:
+                barrier.wait()
+                try:
+                    run_approved(desks[index % 2], approval_id)
+                    return "ran"
+                except openai.ConflictError:
+                    return "conflict"
+
+            with ThreadPoolExecutor(20) as pool:
+                results = list(pool.map(attempt, range(20)))
+            assert sorted(results) == ["conflict"] * 19 + ["ran"]
+            assert len(upstream.requests) == 1
+            assert desks[1].approval(approval_id)["status"] == "executed"
+        finally:
+            stop_gateway(first)
+            stop_gateway(second)
+
+
+def test_a_decision_on_one_process_wakes_the_call_held_on_another_at_once(
+        postgres_url: str, tmp_path: Path) -> None:
+    """LISTEN/NOTIFY: with polling set to a minute, only the notification can wake the call in time."""
+    run(_truncate_all(postgres_url))
+    settings = {**HOLDING, "approval_poll_interval_s": "60"}
+    holder = start_gateway(postgres_url, tmp_path, **settings)
+    decider = start_gateway(postgres_url, tmp_path, **settings)
+    try:
+        held, deciding = Desk(holder), Desk(decider)
+        deciding.dan_key, deciding.carol_key = held.dan_key, held.carol_key
+        waiting = held.pay()
+        [approval] = deciding.pending()
+        assert deciding.decide(approval["id"], "approve").status_code == 200
+        assert waiting.result(timeout=20).choices[0].finish_reason == "tool_calls"
+    finally:
+        stop_gateway(holder)
+        stop_gateway(decider)
+
+
+# --- tool calls in replies -----------------------------------------------------------------------
+
+REVIEW = """package lockgate
+
+import rego.v1
+
+response_decision := {"allow": true, "approval": {"required": true, "approvers": ["finance"],
+    "reason": "the reply calls transfer_funds"}} if {
+	"transfer_funds" in input.response.tool_calls
+} else := {"allow": true}
+"""
+
+
+@pytest.fixture
+def reviewing(start: Start, tmp_path: Path) -> Desk:
+    """No request needs approval; a reply that calls transfer_funds does."""
+    folder = tmp_path / "review-policy"
+    folder.mkdir()
+    shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
+    data = json.loads((ROOT / "policies" / "data.json").read_text())
+    data["lockgate"]["approval_tools"] = {}
+    (folder / "data.json").write_text(json.dumps(data))
+    (folder / "review.rego").write_text(REVIEW)
+    return start(policy_dir=str(folder))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_calling_a_held_tool_is_released_only_once_approved(reviewing: Desk, stream: bool) -> None:
+    desk = reviewing
+
+    def call() -> list[str]:
+        sdk = desk.sdk()
+        if not stream:
+            reply = sdk.chat.completions.create(model="fast", tools=TOOLS, messages=PAY)
+            return [c.function.name for c in reply.choices[0].message.tool_calls or []]
+        names = []
+        for chunk in sdk.chat.completions.create(model="fast", tools=TOOLS, messages=PAY, stream=True):
+            names += [c.function.name for c in chunk.choices[0].delta.tool_calls or [] if c.function.name] \
+                if chunk.choices else []
+        return names
+
+    waiting = desk.pool.submit(call)
+    [approval] = desk.pending()
+    assert approval["kind"] == "reply" and approval["summary"]["reply_tool_calls"] == ["transfer_funds"]
+    time.sleep(0.5)
+    assert not waiting.done()  # nothing of the reply has reached the client
+    assert desk.decide(approval["id"], "approve").status_code == 200
+    assert waiting.result(timeout=30) == ["transfer_funds"]
+    assert desk.approval(approval["id"])["status"] == "executed"
+    [record] = desk.records(approval["id"], 1)
+    assert (record["outcome"], record["approved_by"]) == ("allowed", "carol")
+
+
+def test_a_denied_reply_is_an_error_naming_the_tool(reviewing: Desk) -> None:
+    waiting = reviewing.pay()
+    [approval] = reviewing.pending()
+    reviewing.decide(approval["id"], "deny", reason="not today")
+    with pytest.raises(openai.PermissionDeniedError, match="transfer_funds.*denied by carol: not today"):
+        waiting.result(timeout=30)
