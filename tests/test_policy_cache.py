@@ -31,7 +31,9 @@ def stage(rules: str, data: dict[str, Any] | None = None, size: int = 16) -> Pol
 def test_the_shipped_policy_reads_team_model_and_tools() -> None:
     engine = regorus.Engine()
     engine.add_policy("lockgate.rego", (ROOT / "policies" / "lockgate.rego").read_text())
+    # may_approve's reads (approval, decider) are never in a call's input: they key nothing.
     assert input_reads(json.loads(engine.get_ast_as_json())) == (
+        ("approval", "approvers"), ("decider", "team"),
         ("principal", "team"), ("request", "model"), ("request", "tools"))
 
 
