@@ -568,5 +568,5 @@ def test_a_denied_reply_is_an_error_naming_the_tool(reviewing: Desk) -> None:
     waiting = reviewing.pay()
     [approval] = reviewing.pending()
     reviewing.decide(approval["id"], "deny", reason="not today")
-    with pytest.raises(openai.PermissionDeniedError, match="transfer_funds.*denied by carol: not today"):
+    with pytest.raises(openai.PermissionDeniedError, match=r"transfer_funds.*denied by carol: not today"):
         waiting.result(timeout=30)
