@@ -347,12 +347,14 @@ class Pipeline:
             raise
         else:
             span.set_attributes({"lockgate.decision.allow": decision.allow,
+                                 "lockgate.policy.revision": self.policy.revision,
                                  "lockgate.decision.reasons": decision.reasons,
                                  "lockgate.policy.reused": reused})
         finally:
             span.end()
         call.reasons = decision.reasons
-        call.root.set_attribute("lockgate.decision.allow", decision.allow)
+        call.root.set_attributes({"lockgate.decision.allow": decision.allow,
+                                  "lockgate.policy.revision": self.policy.revision})
         if not decision.allow:
             reasons = "; ".join(decision.reasons) or "no reason given"
             raise PolicyDenied(f"The policy denied this call: {reasons}")
@@ -591,6 +593,7 @@ class Pipeline:
             "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
             "policy_input": call.policy_input,
             "decision": call.raw_decision if isinstance(call.raw_decision, dict) else None,
+            "policy_revision": self.policy.revision if call.policy_input is not None else None,
             "approval_id": approval.id if approval else None,
             "approved_by": approval.decided_by if approval and approval.decided_at and approval.status != "denied"
             else None,

@@ -73,7 +73,7 @@ def build_policy(settings: Settings) -> PolicyStage:
     try:
         source = load_policy_source(folder, settings.models)
         run_preflight(source)
-        return PolicyStage(EmbeddedEngine(source), settings.policy_cache_size)
+        return PolicyStage(EmbeddedEngine(source), settings.policy_cache_size, source.revision)
     except (ValueError, RuntimeError) as exc:
         raise StartupError(f"policy in {folder} cannot be used: {exc}") from None
 

@@ -118,6 +118,7 @@ class DecisionRecord(SQLModel, table=True):
     duration_ms: float = 0.0
     policy_input: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     decision: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    policy_revision: str | None = None  # the policy that decided (gateway/policy/source.py)
     approval_id: str | None = Field(default=None, index=True)  # the approval this call asked for or ran under
     approved_by: str | None = None
     approved_at: datetime | None = None

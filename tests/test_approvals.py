@@ -144,6 +144,7 @@ def test_a_held_call_gets_the_models_answer_once_approved_and_runs_once(desk: De
     [record] = desk.records(approval["id"], 1)
     assert (record["outcome"], record["approved_by"], record["id"]) == ("allowed", "carol", after["executed_by"])
     assert record["approved_at"] is not None and record["cost_micro_usd"] > 0
+    assert record["policy_revision"].startswith("sha256:")  # the policy checked again at execution
     # Every transition is a span in the trace of the call that asked.
     _, spans = desk.gateway.trace(approval["trace_id"], spans=4)
     names = {s["name"] for s in spans}

@@ -18,6 +18,7 @@ from gateway.runtime import StartupError, build_policy
 from gateway.settings import load_settings
 from gateway.types import CallFacts, Principal
 from tests.conftest import in_process
+from tests.conftest import write_policy as shipped_policy_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,3 +185,18 @@ def test_response_policy_withholds_a_reply_with_a_forbidden_tool_call(tmp_path: 
         record = next(r for r in gateway.decisions() if r["status_code"] == 403)
     assert record["reasons"] == ["the model may not call delete_repo"]
     assert record["output_tokens"] > 0 and record["cost_micro_usd"] > 0  # the provider was paid all the same
+
+
+def test_the_policy_revision_names_the_content_of_rules_and_data(tmp_path: Path) -> None:
+    from gateway.policy.source import load_policy_source
+
+    first = shipped_policy_copy(tmp_path / "a")
+    same = shipped_policy_copy(tmp_path / "b")
+    revision = load_policy_source(first, ()).revision
+    assert revision.startswith("sha256:") and load_policy_source(same, ()).revision == revision
+    data = json.loads((same / "data.json").read_text())
+    data["lockgate"]["teams"]["support"]["monthly_budget_usd"] = 21
+    (same / "data.json").write_text(json.dumps(data))
+    assert load_policy_source(same, ()).revision != revision
+    (first / "lockgate.rego").write_text((first / "lockgate.rego").read_text() + "\n# a comment\n")
+    assert load_policy_source(first, ()).revision != revision

@@ -130,8 +130,9 @@ def parse_decision(raw: Any) -> Decision:
 
 
 class PolicyStage:
-    def __init__(self, engine: PolicyEngine, cache_size: int = 0) -> None:
+    def __init__(self, engine: PolicyEngine, cache_size: int = 0, revision: str = "") -> None:
         self.engine = engine
+        self.revision = revision  # recorded on every decision record and root span
         reads = engine.input_reads
         self.cache = DecisionCache(reads, cache_size) if reads is not None and cache_size > 0 else None
 

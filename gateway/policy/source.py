@@ -7,6 +7,7 @@ model catalog as ``data.lockgate.catalog`` so rules can see providers and prices
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,16 @@ class PolicySource:
     modules: dict[str, str]
     data: dict[str, Any]
     tests: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def revision(self) -> str:
+        """A content hash of the rules and the data (the catalog included): the same policy
+        gives the same revision on every process, and any change gives another one."""
+        digest = hashlib.sha256()
+        for name in sorted(self.modules):
+            digest.update(name.encode() + b"\0" + self.modules[name].encode() + b"\0")
+        digest.update(json.dumps(self.data, sort_keys=True, separators=(",", ":")).encode())
+        return "sha256:" + digest.hexdigest()[:16]
 
 
 def default_policy_dir() -> Path:
