@@ -100,10 +100,12 @@ class Call:
 
 @dataclass(frozen=True)
 class Holding:
-    """How long calls wait for their approval (settings approval_hold_s, approval_keepalive_s)."""
+    """How long calls wait for their approval (settings approval_hold_s, approval_keepalive_s), and
+    how long their reservation is held at most."""
 
     hold_s: float
     keepalive_s: float
+    lease_s: float = 900.0  # how long a reservation is held at most (setting reservation_lease_s)
 
 
 # Serves a call that is no model call (reading a stored response) once the pipeline has
@@ -190,7 +192,8 @@ class Pipeline:
         upstream_body = spec.limit(body, decision.max_tokens)
         if spec.billable:  # counting tokens costs nothing, so it neither holds nor needs budget
             call.reservation = await self.ledger.reserve(                            # 5 reserve
-                decision.budgets, self._worst_case(call, facts, decision, models), call.now)
+                decision.budgets, self._worst_case(call, facts, decision, models), call.now, call.decision_id,
+                self.holding.lease_s)
         if approval is not None:
             # Consumed only with a reservation that lets the call run; _end gives it back if the
             # provider cannot have billed a failed attempt.

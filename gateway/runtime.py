@@ -23,7 +23,7 @@ from gateway.approvals import ApprovalQueue
 from gateway.audit.tracing import build_tracer_provider
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore
-from gateway.budgets import BudgetLedgerStore
+from gateway.budgets import BudgetLedgerStore, LeaseReaper
 from gateway.pipeline import Holding, Pipeline
 from gateway.policy import PolicyStage
 from gateway.policy.embedded import EmbeddedEngine
@@ -56,8 +56,10 @@ class Runtime:
     policy: PolicyStage
     router: Router
     pipeline: Pipeline
+    reaper: LeaseReaper
 
     async def close(self) -> None:
+        await self.reaper.close()
         await self.approvals.close()
         self.tracer_provider.shutdown()  # spans are already rows in the writer; this stops the extra processors
         await self.audit.close()
@@ -157,8 +159,12 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     pipeline = Pipeline(keys=keys, policy=policy, approvals=approvals, ledger=ledger, router=router,
                         audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes,
                         max_request_depth=settings.max_request_depth, responses=StoredResponses(engine, audit),
-                        holding=Holding(hold_s=settings.approval_hold_s, keepalive_s=settings.approval_keepalive_s))
+                        holding=Holding(hold_s=settings.approval_hold_s, keepalive_s=settings.approval_keepalive_s,
+                                        lease_s=settings.reservation_lease_s))
     audit.start()
+    reaper = LeaseReaper(ledger, tracer, interval_s=max(0.5, min(30.0, settings.reservation_lease_s / 10)))
+    reaper.start()
     return Runtime(settings=settings, engine=engine, direct=direct, http=http,
                    tracer_provider=tracer_provider, audit=audit,
-                   keys=keys, approvals=approvals, ledger=ledger, policy=policy, router=router, pipeline=pipeline)
+                   keys=keys, approvals=approvals, ledger=ledger, policy=policy, router=router, pipeline=pipeline,
+                   reaper=reaper)

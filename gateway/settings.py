@@ -240,6 +240,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("approval_webhook_secret_env", "LOCKGATE_WEBHOOK_SECRET",
             "Environment variable holding the key of the webhook's HMAC-SHA256 signature "
             "(`Lockgate-Signature` header).", str),
+    Setting("reservation_lease_s", 900.0,
+            "Seconds a budget reservation is held at most: a reservation whose call never settled (its "
+            "process died, its settlement was lost) is released by any gateway after this. Keep it above "
+            "`upstream_deadline_s`.", _positive(float)),
     Setting("max_request_bytes", 4 * 1024 * 1024, "Largest request body accepted.", _positive(int)),
     Setting("max_request_depth", 32, "Deepest nesting of JSON objects and arrays accepted in a request body "
             f"(at most {MAX_REQUEST_DEPTH}).", _depth),

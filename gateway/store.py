@@ -56,6 +56,21 @@ class BudgetLedger(SQLModel, table=True):
     reserved_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
 
 
+class LedgerReservation(SQLModel, table=True):
+    """A call's reservation while it runs, keyed by its decision id: what the ledger rows hold for
+    it, and until when (its lease). The settlement marks it settled in the transaction that writes
+    the call's record; one whose lease ended first (its process died, its settlement was lost) is
+    released by any process (gateway/budgets.py)."""
+
+    __tablename__ = "ledger_reservations"
+
+    id: str = Field(primary_key=True)  # the call's decision id
+    rows: list[list[str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    amount_micro_usd: int = Field(sa_column=Column(BigInteger, nullable=False))
+    lease_until: datetime = Field(index=True)
+    state: str = "held"  # held -> settled (by its call) | released (its lease ended first)
+
+
 class Approval(SQLModel, table=True):
     """A call held for a human decision (gateway/approvals.py, docs/approvals.md). Every change of
     ``status`` is one conditional UPDATE: pending -> approved | denied | expired, and
@@ -228,6 +243,7 @@ class DirectStatements:
     def __init__(self, backend: _SQLiteThread | _PostgresPool) -> None:
         self._backend = backend
         self._qmark = isinstance(backend, _SQLiteThread)
+        self.postgres = not self._qmark
         self._sql: dict[str, str] = {}
         self._inserts: dict[str, tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
 
@@ -253,6 +269,13 @@ class DirectStatements:
     async def rowcount(self, sql: str, *params: Any) -> int:
         """Run one statement in its own transaction; the number of rows it changed."""
         return await self._backend.rowcount(self._native(sql), params)
+
+    async def update_then(self, update: str, params: tuple[Any, ...],
+                          statements: Sequence[tuple[str, Sequence[tuple[Any, ...]]]]) -> bool:
+        """One transaction: ``update``, then each (statement, rows) as an executemany, only if the
+        update changed exactly one row. False (and nothing written) otherwise."""
+        return await self._backend.update_then(self._native(update), params,
+                                               [(self._native(sql), rows) for sql, rows in statements if rows])
 
     def datetime_value(self, value: datetime) -> Any:
         """A datetime as a parameter of a statement here (as ``insert`` stores it)."""
@@ -378,6 +401,30 @@ class _SQLiteThread:
     async def rowcount(self, sql: str, params: tuple[Any, ...]) -> int:
         return await self._run(self._rowcount, sql, params)
 
+    async def update_then(self, update: str, params: tuple[Any, ...],
+                          statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> bool:
+        return await self._run(self._update_then, update, params, statements)
+
+    def _update_then(self, update: str, params: tuple[Any, ...],
+                     statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> bool:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute(update, params).rowcount != 1:
+                db.execute("ROLLBACK")
+                return False
+            for sql, rows in statements:
+                if len(rows) == 1:
+                    db.execute(sql, rows[0])
+                else:
+                    db.executemany(sql, rows)
+            db.execute("COMMIT")
+            return True
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
     def _rowcount(self, sql: str, params: tuple[Any, ...]) -> int:
         return self._connection().execute(sql, params).rowcount
 
@@ -413,6 +460,10 @@ class _SQLiteThread:
             self._stop_checkpoints.set()
 
 
+class _NotChanged(Exception):
+    pass
+
+
 class _PostgresPool:
     def __init__(self, pool: Any) -> None:
         self._pool = pool
@@ -421,6 +472,22 @@ class _PostgresPool:
         status = await self._pool.execute(sql, *params)  # a command tag such as "UPDATE 1"
         count = status.rsplit(" ", 1)[-1]
         return int(count) if count.isdigit() else -1
+
+    async def update_then(self, update: str, params: tuple[Any, ...],
+                          statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> bool:
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                status = await connection.execute(update, *params)
+                if status.rsplit(" ", 1)[-1] != "1":
+                    raise _NotChanged()  # rolls the transaction back
+                for sql, rows in statements:
+                    if len(rows) == 1:
+                        await connection.execute(sql, *rows[0])
+                    else:
+                        await connection.executemany(sql, rows)
+        except _NotChanged:
+            return False
+        return True
 
     async def write_batch(self, statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> None:
         if not statements:

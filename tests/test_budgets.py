@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.budgets import BudgetLedgerStore, Reservation, period_of, settlement, settlement_statement
+from gateway.budgets import BudgetLedgerStore, Reservation, period_of, settlement, settlement_statements
 from gateway.endpoints.chat import ChatCompletions
 from gateway.endpoints.checks import RequestLimits
 from gateway.errors import BudgetExceeded, StoreUnavailable
@@ -35,7 +35,7 @@ Row = tuple[str, str, str]
 
 async def settle(direct: DirectStatements, reservation: Reservation, actual_micro_usd: int) -> None:
     """What the audit writer does with a call's settlement, alone in a transaction."""
-    await direct.write_batch([settlement_statement(settlement(reservation, actual_micro_usd))])
+    await direct.write_batch(settlement_statements(settlement(reservation, actual_micro_usd), direct.postgres))
 
 
 async def ledger_rows(engine: AsyncEngine) -> dict[Row, tuple[int, int]]:
@@ -141,8 +141,8 @@ async def test_settlements_of_one_row_in_one_batch_add_up(engine: AsyncEngine, d
     held = [await ledger.reserve(budgets, 1000, NOW) for _ in range(3)]
 
     # One flush of the audit writer settles all three.
-    await direct.write_batch([settlement_statement([s for r, cost in zip(held, (100, 0, 250), strict=True)
-                                                    for s in settlement(r, cost)])])
+    await direct.write_batch(settlement_statements([s for r, cost in zip(held, (100, 0, 250), strict=True)
+                                                    for s in settlement(r, cost)], direct.postgres))
 
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (350, 0)}
 
@@ -225,13 +225,14 @@ async def test_spend_is_cached_for_its_ttl(engine: AsyncEngine, direct: DirectSt
 
 
 async def _reserve_outcomes(stores: list[BudgetLedgerStore], budgets: list[Budget], amount: int,
-                            tasks: int) -> list[bool]:
-    """Reserve ``amount`` from ``tasks`` concurrent tasks spread over ``stores``; True where it was granted."""
+                            tasks: int) -> list[Reservation | None]:
+    """Reserve ``amount`` from ``tasks`` concurrent tasks spread over ``stores``: the reservation
+    where it was granted, None where the budget refused it."""
     results = await asyncio.gather(
         *(stores[i % len(stores)].reserve(budgets, amount, NOW) for i in range(tasks)), return_exceptions=True)
     unexpected = [r for r in results if isinstance(r, BaseException) and not isinstance(r, BudgetExceeded)]
     assert not unexpected, f"reservations failed for another reason than the budget: {unexpected!r}"
-    return [not isinstance(r, BaseException) for r in results]
+    return [None if isinstance(r, BaseException) else r for r in results]
 
 
 async def test_concurrent_reservations_never_overspend(engine: AsyncEngine, ledger: BudgetLedgerStore) -> None:
@@ -240,7 +241,7 @@ async def test_concurrent_reservations_never_overspend(engine: AsyncEngine, ledg
 
     granted = await _reserve_outcomes([ledger], budgets, 1000, 50)
 
-    assert granted.count(True) == 7
+    assert sum(r is not None for r in granted) == 7
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (0, 7000), ("org:c", "month", MONTH): (0, 7000)}
 
 
@@ -252,15 +253,14 @@ async def test_two_replicas_sharing_the_store_never_overspend(store_url: str) ->
         replicas = [BudgetLedgerStore(e, d, 0) for e, d in zip(engines, directs, strict=True)]
         budgets = [month("team:a", 12_500), month("org:c", 1_000_000)]
 
-        granted = await _reserve_outcomes(replicas, budgets, 1000, 50)
+        outcomes = await _reserve_outcomes(replicas, budgets, 1000, 50)
+        granted = [r for r in outcomes if r is not None]
 
-        assert granted.count(True) == 12
+        assert len(granted) == 12
         assert await ledger_rows(engines[0]) == {
             ("team:a", "month", MONTH): (0, 12_000), ("org:c", "month", MONTH): (0, 12_000)}
         # Settling everything from both replicas at once leaves no reservation behind.
-        rows = (("team:a", "month", MONTH), ("org:c", "month", MONTH))
-        await asyncio.gather(*(settle(directs[i % 2], Reservation(rows=rows, amount_micro_usd=1000), 300)
-                               for i in range(12)))
+        await asyncio.gather(*(settle(directs[i % 2], reservation, 300) for i, reservation in enumerate(granted)))
         assert await ledger_rows(engines[1]) == {
             ("team:a", "month", MONTH): (3600, 0), ("org:c", "month", MONTH): (3600, 0)}
     finally:
@@ -441,3 +441,54 @@ async def test_a_known_row_that_disappeared_is_recreated_not_taken_for_a_spent_b
     await ledger.reserve(budgets, 100, NOW)
 
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (0, 100)}
+
+
+# --- settlements applied once, leases -----------------------------------------------------------
+
+
+async def test_a_settlement_written_twice_is_applied_once(engine: AsyncEngine, direct: DirectStatements,
+                                                          ledger: BudgetLedgerStore) -> None:
+    # The audit writer retries a batch whose commit's acknowledgement was lost: the same
+    # settlement reaches the store twice.
+    reservation = await ledger.reserve([month("team:a", 10_000)], 1000, NOW, "dec_twice")
+    await settle(direct, reservation, 300)
+    await settle(direct, reservation, 300)
+
+    assert await ledger_rows(engine) == {("team:a", "month", MONTH): (300, 0)}
+
+
+async def test_a_reservation_whose_lease_ended_is_released_once_and_a_late_settlement_still_charges(
+        engine: AsyncEngine, direct: DirectStatements, ledger: BudgetLedgerStore) -> None:
+    lost = await ledger.reserve([month("team:a", 10_000), month("org:c", 50_000)], 1000, NOW, "dec_lost", 60)
+    running = await ledger.reserve([month("team:a", 10_000)], 2000, NOW, "dec_running", 600)
+
+    assert await ledger.release_expired(NOW + timedelta(seconds=30)) == []  # no lease has ended yet
+    [released] = await ledger.release_expired(NOW + timedelta(seconds=61))
+    assert (released.id, released.amount_micro_usd) == ("dec_lost", 1000)
+    assert await ledger_rows(engine) == {("team:a", "month", MONTH): (0, 2000), ("org:c", "month", MONTH): (0, 0)}
+    assert await ledger.release_expired(NOW + timedelta(seconds=62)) == []  # released once
+
+    # The call was not dead after all (its settlement was only late): its cost is still spent,
+    # and the reservation is not released a second time.
+    await settle(direct, lost, 400)
+    await settle(direct, running, 500)
+    assert await ledger_rows(engine) == {("team:a", "month", MONTH): (900, 0), ("org:c", "month", MONTH): (400, 0)}
+
+
+async def test_a_release_racing_a_settlement_takes_the_reservation_off_once(store_url: str) -> None:
+    engines = [create_store_engine(store_url), create_store_engine(store_url)]
+    await create_tables(engines[0])
+    directs = [await DirectStatements.open(store_url) for _ in engines]
+    try:
+        ledgers = [BudgetLedgerStore(e, d, 0) for e, d in zip(engines, directs, strict=True)]
+        held = [await ledgers[0].reserve([month("team:a", 1_000_000)], 1000, NOW, f"dec_{i}", 1) for i in range(20)]
+        later = NOW + timedelta(seconds=5)
+        await asyncio.gather(ledgers[1].release_expired(later),
+                             *(settle(directs[i % 2], r, 100) for i, r in enumerate(held)))
+        await ledgers[0].release_expired(later)
+        assert await ledger_rows(engines[0]) == {("team:a", "month", MONTH): (2000, 0)}
+    finally:
+        for d in directs:
+            await d.close()
+        for e in engines:
+            await e.dispose()

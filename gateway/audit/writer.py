@@ -19,7 +19,7 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from gateway.budgets import Reservation, settlement, settlement_statement
+from gateway.budgets import Reservation, settlement, settlement_statements
 from gateway.store import DecisionRecord, DirectStatements, SpanRecord, StoredResponse
 
 log = logging.getLogger("lockgate.audit")
@@ -172,7 +172,7 @@ class AuditWriter:
             rows[kind].append(row)
         statements = [self._direct.insert(table, rows[kind]) for kind, table in _TABLES.items()]
         statements.append(approval_outcome_statement(self._direct, rows["approval"]))
-        statements.append(settlement_statement(rows["settlement"]))
+        statements += settlement_statements(rows["settlement"], self._direct.postgres)
         await self._direct.write_batch(statements)
 
     async def _store_answers(self) -> bool:
