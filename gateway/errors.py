@@ -11,6 +11,7 @@
     ├── PermissionDenied              403 permission_error
     │   ├── PolicyDenied                  / policy_denied
     │   ├── PolicyFailed                  / policy_error      (the engine failed: fail closed)
+    │   ├── ModelUnpriced                 / model_unpriced    (no price in the catalog, not marked free)
     │   ├── ApprovalRejected              / approval_denied, approval_expired, approval_mismatch
     │   └── DecisionRefused               / approval_forbidden, self_approval (a decider may not decide)
     ├── ApprovalNotFound              404 invalid_request_error / approval_not_found
@@ -18,6 +19,7 @@
     ├── ApprovalConflict              409 invalid_request_error / approval_conflict (decided, running or used)
     ├── TooManyApprovals              429 rate_limit_exceeded / too_many_pending_approvals
     ├── BudgetExceeded                429 insufficient_quota / budget_exceeded
+    ├── RateLimited                   429 requests|tokens / rate_limit_exceeded (the policy's per-minute limits)
     ├── StoreUnavailable              503 server_error / store_unavailable
     ├── ClientClosed                  499 (never sent: the client left mid-stream; audit only)
     └── UpstreamError                 502 upstream_error      (the provider failed)
@@ -120,6 +122,13 @@ class PolicyDenied(PermissionDenied):
     default_message = "The policy denied this call."
 
 
+class ModelUnpriced(PermissionDenied):
+    """The catalog gives the model no price: its cost could not be controlled, so it is not served."""
+
+    code = "model_unpriced"
+    default_message = "This model has no price in the gateway's catalog."
+
+
 class PolicyFailed(PermissionDenied):
     code = "policy_error"
     default_message = "The policy could not be evaluated, so the call was denied."
@@ -180,6 +189,21 @@ class TooManyApprovals(GatewayError):
     code = "too_many_pending_approvals"
     retryable = False
     default_message = "Too many of your calls are waiting for approval."
+
+
+class RateLimited(GatewayError):
+    """A per-minute or concurrency limit of the policy: the SDK retries after Retry-After."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+    default_message = "Rate limit reached."
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float | None = None,
+                 tokens: bool = False) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        if tokens:
+            self.type = "tokens"  # type: ignore[misc]  # as OpenAI names a tokens-per-minute limit
 
 
 class BudgetExceeded(GatewayError):

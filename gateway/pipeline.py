@@ -30,9 +30,9 @@ from starlette.types import Receive, Scope, Send
 from gateway.approvals import APPROVAL_HEADER, MODE_HEADER, ApprovalQueue, fingerprint, public, summary
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore, bearer_token
-from gateway.budgets import BudgetLedgerStore, Reservation
+from gateway.budgets import BudgetLedgerStore, Need, Reservation, Used
 from gateway.endpoints import EndpointSpec, StreamReader
-from gateway.endpoints.checks import parse_json_body
+from gateway.endpoints.checks import CHARS_PER_TOKEN, parse_json_body
 from gateway.errors import (
     ApprovalConflict,
     ApprovalNotFound,
@@ -44,26 +44,61 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
+    ModelUnpriced,
     PermissionDenied,
     PolicyDenied,
+    RateLimited,
     RequestTooLarge,
     TooManyApprovals,
     UpstreamError,
     UpstreamUnavailable,
 )
-from gateway.policy import DECISION, PolicyStage, build_input
+from gateway.policy import DECISION, MAX_LIMIT_MICRO_USD, PolicyStage, build_input, rate_budgets
 from gateway.routing import Router, RouteResult
 from gateway.sse import SSEResponse
 from gateway.store import Approval, rfc3339, utcnow
 from gateway.stored_responses import StoredResponses
-from gateway.types import ApprovalRequirement, CallFacts, CatalogModel, Decision, Principal, ReplyFacts, Usage
+from gateway.types import (
+    ApprovalRequirement,
+    Budget,
+    CallFacts,
+    CatalogModel,
+    Decision,
+    Principal,
+    ReplyFacts,
+    Usage,
+)
 
 log = logging.getLogger("lockgate.pipeline")
 
 MAX_MICRO_USD = 2**63 - 1  # what the ledger's BIGINT columns hold
 # Errors that refuse a call (recorded as "denied"), as opposed to failures.
-REFUSALS = (AuthenticationFailed, PermissionDenied, BudgetExceeded, ApprovalConflict, ApprovalNotFound,
-            TooManyApprovals)
+REFUSALS = (AuthenticationFailed, PermissionDenied, BudgetExceeded, RateLimited, ApprovalConflict,
+            ApprovalNotFound, TooManyApprovals)
+RUN_HEADER = "lockgate-run-id"
+MAX_RUN_ID_CHARS = 128
+
+
+def run_id(header: str | None, metadata: Mapping[str, Any]) -> str | None:
+    """The run a call is a step of: the Lockgate-Run-Id header, else ``metadata.run_id``."""
+    value = header if header is not None else metadata.get("run_id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_RUN_ID_CHARS or not value.isprintable():
+        raise InvalidRequest(f"A run id (the Lockgate-Run-Id header or metadata.run_id) must be 1 to "
+                             f"{MAX_RUN_ID_CHARS} printable characters.", param="metadata.run_id")
+    return value
+
+
+def rate_headers(rates: tuple[tuple[str, int, int, float], ...]) -> dict[str, str]:
+    """The x-ratelimit-* headers OpenAI clients read, for the tightest per-minute limit of each kind."""
+    headers: dict[str, str] = {}
+    for unit, limit, used, reset_s in sorted(rates, key=lambda r: r[1] - r[2], reverse=True):
+        kind = "tokens" if unit == "tokens" else "requests"
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - used))
+        headers[f"x-ratelimit-reset-{kind}"] = f"{max(0.0, reset_s):.0f}s"
+    return headers
 
 
 @dataclass
@@ -88,6 +123,10 @@ class Call:
     approval: Approval | None = None  # the approval this call asked for, or runs under
     approval_claimed: bool = False  # this call moved its approval to executing: _end records the outcome
     outcome: str | None = None  # set only where the error does not tell it (a 202 is "held")
+    run_id: str | None = None  # Lockgate-Run-Id, or metadata.run_id: the agent run this call is a step of
+    reserved_micro_usd: int = 0  # the money reserved, kept for the record (its estimate error)
+    stream_cap: int = 0  # output events a stream may relay before it passes what was reserved (0: no cap)
+    rate_headers: dict[str, str] | None = None  # x-ratelimit-* of the policy's per-minute limits
     ended: bool = False
 
     @property
@@ -95,7 +134,10 @@ class Call:
         return format(self.root.get_span_context().trace_id, "032x")
 
     def headers(self) -> dict[str, str]:
-        return {"lockgate-decision-id": self.decision_id, "lockgate-trace-id": self.trace_id}
+        headers = {"lockgate-decision-id": self.decision_id, "lockgate-trace-id": self.trace_id}
+        if self.rate_headers:
+            headers.update(self.rate_headers)
+        return headers
 
 
 @dataclass(frozen=True)
@@ -173,12 +215,14 @@ class Pipeline:
         body = parse_json_body(raw, self.max_request_depth)                          # 2 describe
         facts = spec.describe(body)
         call.facts = facts
+        call.run_id = run_id(headers.get(RUN_HEADER), facts.metadata)
         if facts.previous_response_id is not None:  # continues a stored response: only the caller's own
             await self.responses.find(facts.previous_response_id, principal, param="previous_response_id")
         call.root.update_name(f"{spec.operation} {facts.model}")
         call.root.set_attribute("gen_ai.request.model", facts.model)
         decision = await self._decide(principal, facts, call)                        # 3 decide
-        models = self.router.candidates(spec.name, decision.route_model or facts.model, decision.fallbacks)
+        models = self._priced(spec, self.router.candidates(spec.name, decision.route_model or facts.model,
+                                                           decision.fallbacks))
         call.route = RouteResult(model=models[0])
         if decision.approval is not None:                                            # 4 hold
             return await self._hold(request, call, raw, body, decision)
@@ -189,11 +233,24 @@ class Pipeline:
         """Stages 5 to 9, once the call may run (``approval``: the approval it runs under)."""
         spec, facts = call.spec, call.facts
         assert facts is not None and call.route is not None
-        upstream_body = spec.limit(body, decision.max_tokens)
+        # A call without an output cap gets the policy's, or the gateway's default: what it may
+        # produce is then what was reserved for it.
+        cap = decision.max_tokens
+        if cap is None and facts.max_tokens is None and spec.billable:
+            cap = spec.limits.default_output_tokens
+        upstream_body = spec.limit(body, cap)
         if spec.billable:  # counting tokens costs nothing, so it neither holds nor needs budget
+            worst = self._worst_case(call, facts, decision, models)
+            output_max = facts.output_tokens_max if decision.max_tokens is None \
+                else min(facts.output_tokens_max, decision.max_tokens * facts.choices)
+            budgets = self._budgets(call, decision)
             call.reservation = await self.ledger.reserve(                            # 5 reserve
-                decision.budgets, self._worst_case(call, facts, decision, models), call.now, call.decision_id,
-                self.holding.lease_s)
+                budgets, Need(micro_usd=worst, tokens=facts.input_tokens + output_max), call.now,
+                call.decision_id, self.holding.lease_s)
+            if budgets:
+                call.reserved_micro_usd, call.stream_cap = worst, output_max
+                if call.reservation.rates:
+                    call.rate_headers = rate_headers(call.reservation.rates)
         if approval is not None:
             # Consumed only with a reservation that lets the call run; _end gives it back if the
             # provider cannot have billed a failed attempt.
@@ -209,6 +266,11 @@ class Pipeline:
         reply, call.reply = await self.router.complete(spec.name, models, upstream_body, call.root, call.route,
                                                        spec.read_reply, passed_on)
         call.usage = call.reply.usage
+        if not call.reply.usage_reported and spec.billable:
+            # A reply without usage is not free: our own count of its input, and of its output
+            # from the reply's size (every 4 bytes a token: it counts the JSON around the text too).
+            call.usage = Usage(input_tokens=facts.input_tokens, output_tokens=len(reply.body) // CHARS_PER_TOKEN)
+            call.reasons = (*call.reasons, "usage estimated: the provider's reply did not report it")
         await self._inspect(call.reply, call)                                        # 7 inspect
         self._end(call, status=200)                                                  # 8 settle, 9 record
         return Response(reply.body, media_type=reply.content_type, headers=call.headers())
@@ -283,7 +345,8 @@ class Pipeline:
         assert principal is not None and facts is not None
         call.now = utcnow()  # at execution the policy and the budgets are checked again
         decision = await self._decide(principal, facts, call)
-        models = self.router.candidates(call.spec.name, decision.route_model or facts.model, decision.fallbacks)
+        models = self._priced(call.spec, self.router.candidates(call.spec.name, decision.route_model or facts.model,
+                                                                decision.fallbacks))
         call.route = RouteResult(model=models[0])
         return await self._execute(call, body, decision, models, passed_on,
                                    approval if decision.approval is not None else None)
@@ -337,10 +400,11 @@ class Pipeline:
         return b"".join(chunks)
 
     async def _decide(self, principal: Principal, facts: CallFacts, call: Call) -> Decision:
-        scopes = (f"key:{principal.key_id}", f"user:{principal.user}", f"team:{principal.team}", f"org:{principal.org}")
+        scopes = (f"key:{principal.key_id}", f"user:{principal.user}", f"team:{principal.team}",
+                  f"org:{principal.org}", f"model:{facts.model}", *((f"run:{call.run_id}",) if call.run_id else ()))
         spend = await self.ledger.spend(scopes, call.now)
         estimate = self._estimate(facts, call.spec)
-        call.policy_input = build_input(principal, facts, estimate, spend, rfc3339(call.now))
+        call.policy_input = build_input(principal, facts, estimate, spend, rfc3339(call.now), call.run_id)
         span = self.tracer.start_span("policy.decide", attributes={"lockgate.policy.entrypoint": DECISION})
         try:
             decision, call.raw_decision, reused = self.policy.decide(call.policy_input)
@@ -362,6 +426,34 @@ class Pipeline:
             reasons = "; ".join(decision.reasons) or "no reason given"
             raise PolicyDenied(f"The policy denied this call: {reasons}")
         return decision
+
+    @staticmethod
+    def _budgets(call: Call, decision: Decision) -> tuple[Budget, ...]:
+        """Every budget the call is charged to: the policy's, its rate limits on the caller, and,
+        for a step of a run, the run's steps, tokens and cost (capped where the policy says)."""
+        assert call.principal is not None
+        budgets = decision.budgets
+        if decision.rate_limits:
+            budgets += rate_budgets(decision.rate_limits, call.principal)
+        if call.run_id:
+            run = f"run:{call.run_id}"
+            budgets += (Budget(run, "total", decision.max_steps_per_run or MAX_LIMIT_MICRO_USD, "calls"),
+                        Budget(run, "total", MAX_LIMIT_MICRO_USD, "tokens"),
+                        Budget(run, "total", MAX_LIMIT_MICRO_USD if decision.max_run_micro_usd is None
+                               else decision.max_run_micro_usd, "usd"))
+        return budgets
+
+    @staticmethod
+    def _priced(spec: EndpointSpec, models: list[CatalogModel]) -> list[CatalogModel]:
+        """The candidates whose calls can be charged: a model without a price is not free (unless
+        the catalog says so), so it is refused, and skipped as a fallback."""
+        if not spec.billable or all(m.priced for m in models):
+            return models
+        if not models[0].priced:
+            raise ModelUnpriced(f"The model '{models[0].name}' has no price in the gateway's catalog, so its cost "
+                                "cannot be controlled; an operator must give it input_usd_per_mtok and "
+                                "output_usd_per_mtok, or mark it free.")
+        return [m for m in models if m.priced]
 
     def _estimate(self, facts: CallFacts, spec: EndpointSpec) -> int:
         """Worst-case cost for the policy input: the requested model's prices, or the dearest model's
@@ -455,6 +547,10 @@ class Pipeline:
         try:
             async for event in events:
                 out = reader.observe(event)
+                if call.stream_cap and reader.events > call.stream_cap:
+                    # Past what its reservation covers: end it before its cost passes the budget.
+                    raise BudgetExceeded("The reply passed the output its budget reserved, so the stream was ended; "
+                                         "the call is charged for what was streamed.")
                 if reviews and len(reader.facts.tool_calls) > reviewed:
                     if out is not None:
                         held.append(out)
@@ -514,7 +610,7 @@ class Pipeline:
         if call.ended:
             return
         call.ended = True
-        self._settle(call)
+        self._settle(call, error)
         if call.approval_claimed and call.approval is not None:
             self.audit.add_approval_outcome(call.approval.id, call.decision_id, self._approval_outcome(call, error),
                                             utcnow())
@@ -540,16 +636,28 @@ class Pipeline:
         if reply and reply.response_id and route and route.deployment and principal:
             self.responses.keep(reply.response_id, principal.key_id, route.model.name, route.deployment, call.now)
 
-    def _settle(self, call: Call) -> None:
+    def _settle(self, call: Call, error: GatewayError | None = None) -> None:
         """Price the usage and hand the settlement to the audit writer, which writes it with the
         call's decision record; until then the reservation stays held."""
         if call.reservation is None:
             return
-        usage = call.usage
-        call.cost_micro_usd = min(MAX_MICRO_USD, call.route.model.cost_micro_usd(
-            usage.input_tokens, usage.output_tokens)) if call.route and call.spec.billable else 0
+        usage, route = call.usage, call.route
+        cost = 0
+        if route is not None and call.spec.billable:
+            cost = route.model.cost_micro_usd(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
+            # Attempts that failed after the provider may have done the work (a timeout, a 500, a
+            # reply cut off) are charged for their input, which it read in any case; the last one
+            # not again when the usage above already counts it (a stream cut off mid-way).
+            failures = route.billable_failures - (1 if error is not None and usage.input_tokens else 0)
+            if failures > 0 and call.facts is not None:
+                cost += failures * route.model.cost_micro_usd(call.facts.input_tokens, 0)
+                call.reasons = (*call.reasons, f"charged the input of {failures} failed provider attempts "
+                                "that may have been billed")
+        call.cost_micro_usd = min(MAX_MICRO_USD, cost)
         reservation, call.reservation = call.reservation, None
-        self.audit.add_settlement(reservation, call.cost_micro_usd)
+        attempted = route is not None and bool(route.attempts)
+        self.audit.add_settlement(reservation, Used(micro_usd=call.cost_micro_usd, calls=int(attempted),
+                                                    tokens=usage.input_tokens + usage.output_tokens))
 
     def _record(self, call: Call, *, status: int, error: GatewayError | None = None) -> None:
         root, route, reply = call.root, call.route, call.reply
@@ -593,6 +701,7 @@ class Pipeline:
             "input_tokens": call.usage.input_tokens,
             "output_tokens": call.usage.output_tokens,
             "cost_micro_usd": call.cost_micro_usd,
+            "reserved_micro_usd": call.reserved_micro_usd,
             "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
             "policy_input": call.policy_input,
             "decision": call.raw_decision if isinstance(call.raw_decision, dict) else None,

@@ -86,6 +86,9 @@ class RouteResult:
     model: CatalogModel
     deployment: Deployment | None = None
     attempts: list[str] = field(default_factory=list)
+    # Failed attempts the provider may have billed (a timeout, a 500, a reply cut off): the
+    # settlement charges them (gateway/pipeline.py, _settle).
+    billable_failures: int = 0
 
     @property
     def provider(self) -> str:
@@ -388,6 +391,8 @@ class Attempts:
         model, deployment = self._current
         exc.message = scrub_secrets(exc.message, (self._router.provider_key(deployment),))
         exc.args = (exc.message,)  # str(exc), which exception events and logs use, says the same
+        if exc.billable_risk:
+            self._route.billable_failures += 1
         counts = DeploymentHealth.counts(exc)
         # Running out of the call's time is the call's doing, not the deployment's.
         if counts and self._loop.time() < self.deadline:

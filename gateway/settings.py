@@ -144,11 +144,15 @@ def _models(value: Any) -> tuple[CatalogModel, ...]:
         first = deployments[0]
         for name in ("provider", "upstream_model", "base_url", "api_key_env", "api_version"):
             fields.setdefault(name, getattr(first, name))
-        for price in ("input_usd_per_mtok", "output_usd_per_mtok"):
+        for price in ("input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok"):
             value = fields.get(price, 0.0)
+            if price == "cached_input_usd_per_mtok" and value is None:
+                continue
             if not _number(value) or value < 0:
                 # Prices multiply token counts into the ledger's integers: they must be finite.
                 raise ValueError(f"model {entry.get('name')!r}: {price} must be a finite number >= 0, got {value!r}")
+        if not isinstance(fields.get("free", False), bool):
+            raise ValueError(f"model {entry.get('name')!r}: free must be true or false")
         try:
             models.append(CatalogModel(**fields, deployments=deployments))
         except TypeError as exc:

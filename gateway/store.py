@@ -45,7 +45,9 @@ class ApiKey(SQLModel, table=True):
 
 
 class BudgetLedger(SQLModel, table=True):
-    """Spend per scope and window period, in integer micro-dollars."""
+    """Spend per scope and window period (gateway/budgets.py). A row counts one unit, named by the
+    scope's suffix: none for money (micro-dollars), ``#tokens``, ``#calls`` or ``#concurrent``; the
+    ``*_micro_usd`` columns hold that unit (their name is from when money was the only one)."""
 
     __tablename__ = "budget_ledger"
 
@@ -54,6 +56,7 @@ class BudgetLedger(SQLModel, table=True):
     period: str = Field(primary_key=True)
     spent_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     reserved_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    limit_amount: int | None = Field(default=None, sa_column=Column(BigInteger))  # the last limit a call named
 
 
 class LedgerReservation(SQLModel, table=True):
@@ -130,6 +133,9 @@ class DecisionRecord(SQLModel, table=True):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    # What was reserved before the call: cost minus this is the estimate's error (never above 0
+    # but by what the estimate cannot see).
+    reserved_micro_usd: int | None = Field(default=None, sa_column=Column(BigInteger))
     duration_ms: float = 0.0
     policy_input: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     decision: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
@@ -277,6 +283,15 @@ class DirectStatements:
         return await self._backend.update_then(self._native(update), params,
                                                [(self._native(sql), rows) for sql, rows in statements if rows])
 
+    async def reserve(self, reserve: str, create: str, rows: Sequence[tuple[str, str, str, int, int]],
+                      known: Sequence[bool], insert_lease: str, lease: tuple[Any, ...]) -> tuple[int, list[int]]:
+        """One transaction (gateway/budgets.py): for each (scope, window, period, amount, limit),
+        create the row unless ``known``, then ``reserve`` on it (which returns the row's use after
+        it, or nothing when the limit refuses); then ``insert_lease``. Returns (-1, the uses), or
+        (the index of the refusing row, []) with nothing written."""
+        return await self._backend.reserve(self._native(reserve), self._native(create), rows, known,
+                                           self._native(insert_lease), lease)
+
     def datetime_value(self, value: datetime) -> Any:
         """A datetime as a parameter of a statement here (as ``insert`` stores it)."""
         return _sqlite_datetime(value) if self._qmark else value
@@ -405,6 +420,32 @@ class _SQLiteThread:
                           statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> bool:
         return await self._run(self._update_then, update, params, statements)
 
+    async def reserve(self, reserve: str, create: str, rows: Sequence[tuple[str, str, str, int, int]],
+                      known: Sequence[bool], insert_lease: str, lease: tuple[Any, ...]) -> tuple[int, list[int]]:
+        return await self._run(self._reserve, reserve, create, rows, known, insert_lease, lease)
+
+    def _reserve(self, reserve: str, create: str, rows: Sequence[tuple[str, str, str, int, int]],
+                 known: Sequence[bool], insert_lease: str, lease: tuple[Any, ...]) -> tuple[int, list[int]]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            used = []
+            for index, ((scope, window, period, amount, limit), is_known) in enumerate(zip(rows, known, strict=True)):
+                if not is_known:
+                    db.execute(create, (scope, window, period))
+                row = db.execute(reserve, (amount, scope, window, period, limit)).fetchone()
+                if row is None:
+                    db.execute("ROLLBACK")
+                    return index, []
+                used.append(int(row[0]))
+            db.execute(insert_lease, lease)
+            db.execute("COMMIT")
+            return -1, used
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
     def _update_then(self, update: str, params: tuple[Any, ...],
                      statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> bool:
         db = self._connection()
@@ -488,6 +529,26 @@ class _PostgresPool:
         except _NotChanged:
             return False
         return True
+
+    async def reserve(self, reserve: str, create: str, rows: Sequence[tuple[str, str, str, int, int]],
+                      known: Sequence[bool], insert_lease: str, lease: tuple[Any, ...]) -> tuple[int, list[int]]:
+        refused = -1
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                used = []
+                for index, ((scope, window, period, amount, limit), is_known) in enumerate(
+                        zip(rows, known, strict=True)):
+                    if not is_known:
+                        await connection.execute(create, scope, window, period)
+                    value = await connection.fetchval(reserve, amount, scope, window, period, limit)
+                    if value is None:
+                        refused = index
+                        raise _NotChanged()  # rolls the transaction back
+                    used.append(int(value))
+                await connection.execute(insert_lease, *lease)
+        except _NotChanged:
+            return refused, []
+        return -1, used
 
     async def write_batch(self, statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> None:
         if not statements:

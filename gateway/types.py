@@ -65,13 +65,25 @@ class CatalogModel:
     api_key_env: str = ""
     input_usd_per_mtok: float = 0.0
     output_usd_per_mtok: float = 0.0
+    cached_input_usd_per_mtok: float | None = None  # input read from the provider's cache; None: the input price
+    free: bool = False  # a model without prices is refused unless the catalog says it is free
     timeout_s: float | None = None
     api_version: str = ""
     deployments: tuple[Deployment, ...] = ()
 
-    def cost_micro_usd(self, input_tokens: int, output_tokens: int) -> int:
-        """Cost in integer micro-dollars (prices are USD per million tokens)."""
-        return round(input_tokens * self.input_usd_per_mtok + output_tokens * self.output_usd_per_mtok)
+    @property
+    def priced(self) -> bool:
+        """Its calls can be charged: it has a price, or the catalog marks it free."""
+        return self.free or self.input_usd_per_mtok > 0 or self.output_usd_per_mtok > 0
+
+    def cost_micro_usd(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> int:
+        """Cost in integer micro-dollars (prices are USD per million tokens). ``cached_input_tokens``
+        are part of ``input_tokens``, priced at the cached-input price."""
+        cached = min(cached_input_tokens, input_tokens)
+        cached_price = self.input_usd_per_mtok if self.cached_input_usd_per_mtok is None \
+            else self.cached_input_usd_per_mtok
+        return round((input_tokens - cached) * self.input_usd_per_mtok + cached * cached_price
+                     + output_tokens * self.output_usd_per_mtok)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +106,14 @@ class CallFacts:
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """One budget the policy asks to charge: scope such as ``team:research``, window day|month|total."""
+    """One budget a call is charged against: scope such as ``team:research``, window
+    minute|day|month|total, and a limit in its unit: usd (micro-dollars), tokens, calls, or
+    concurrent (calls running at once)."""
 
     scope: str
     window: str
-    limit_micro_usd: int
+    limit: int
+    unit: str = "usd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,13 +134,19 @@ class Decision:
     approval: ApprovalRequirement | None = None
     budgets: tuple[Budget, ...] = ()
     max_tokens: int | None = None
+    max_steps_per_run: int | None = None  # limits.max_steps_per_run: calls one run may make
+    max_run_micro_usd: int | None = None  # limits.max_cost_usd_per_run
+    # limits.requests_per_minute / tokens_per_minute / concurrent: {"key"|"user"|"team": limit};
+    # made budgets per call (gateway/policy, rate_budgets), since a decision is shared by callers.
+    rate_limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     audit_labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class Usage:
-    input_tokens: int = 0
+    input_tokens: int = 0  # every input token, cached ones included
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # of input_tokens, those read from the provider's prompt cache
 
 
 @dataclass(slots=True)

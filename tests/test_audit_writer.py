@@ -65,7 +65,7 @@ async def test_while_the_store_is_away_nothing_is_written_and_everything_is_kept
     engine = create_store_engine(url)
     direct = await DirectStatements.open(url)
     writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000)
-    reservation = Reservation(rows=(("team:a", "month", "2026-11"),), amount_micro_usd=900, id="dec_1")
+    reservation = Reservation(rows=(("team:a", "month", "2026-11", 900),), id="dec_1")
     writer.add_decision(decision_row("dec_1", 120))
     writer.add_settlement(reservation, 120)
     try:
@@ -78,7 +78,7 @@ async def test_while_the_store_is_away_nothing_is_written_and_everything_is_kept
         async with engine.begin() as connection:
             await connection.execute(_ledger.insert(), [{"scope": "team:a", "window": "month", "period": "2026-11",
                                                          "spent_micro_usd": 0, "reserved_micro_usd": 900}])
-            await connection.execute(_leases.insert(), [{"id": "dec_1", "rows": [["team:a", "month", "2026-11"]],
+            await connection.execute(_leases.insert(), [{"id": "dec_1", "rows": [["team:a", "month", "2026-11", 900]],
                                                          "amount_micro_usd": 900, "lease_until": NOW, "state": "held"}])
         await writer.flush()
 

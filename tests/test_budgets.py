@@ -47,7 +47,7 @@ async def ledger_rows(engine: AsyncEngine) -> dict[Row, tuple[int, int]]:
 
 
 def month(scope: str, limit: int) -> Budget:
-    return Budget(scope=scope, window="month", limit_micro_usd=limit)
+    return Budget(scope=scope, window="month", limit=limit)
 
 
 # --- reserve ------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ async def test_reservations_within_the_limit_are_held_up_to_exactly_the_limit(
     first = await ledger.reserve([month("team:a", 1000)], 400, NOW)
     second = await ledger.reserve([month("team:a", 1000)], 600, NOW)  # spent + reserved + amount == limit
 
-    assert first.rows == (("team:a", "month", MONTH),) and first.amount_micro_usd == 400
+    assert first.rows == (("team:a", "month", MONTH, 400),) and first.amount_micro_usd == 400
     assert second.amount_micro_usd == 600
     assert await ledger_rows(engine) == {("team:a", "month", MONTH): (0, 1000)}
 
@@ -203,8 +203,9 @@ async def test_spend_reports_settled_spend_of_the_current_periods_only(
 
     spend = await ledger.spend(["team:a", "org:c", "team:unknown"], NOW)
 
-    assert spend == {"team:a": {"day": 250, "month": 250}, "org:c": {"total": 250}}
-    assert await ledger.spend(["team:a"], NOW + timedelta(days=1)) == {"team:a": {"month": 250}}
+    assert spend == {"team:a": {"day": 250, "day_reserved": 400, "month": 250, "month_reserved": 400},
+                     "org:c": {"total": 250, "total_reserved": 400}}
+    assert await ledger.spend(["team:a"], NOW + timedelta(days=1)) == {"team:a": {"month": 250, "month_reserved": 400}}
 
 
 async def test_spend_is_cached_for_its_ttl(engine: AsyncEngine, direct: DirectStatements) -> None:

@@ -19,7 +19,7 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from gateway.budgets import Reservation, settlement, settlement_statements
+from gateway.budgets import Reservation, Used, settlement, settlement_statements
 from gateway.store import DecisionRecord, DirectStatements, SpanRecord, StoredResponse
 
 log = logging.getLogger("lockgate.audit")
@@ -80,10 +80,10 @@ class AuditWriter:
         if self._decisions >= self._batch_size:
             self._wake.set()
 
-    def add_settlement(self, reservation: Reservation, actual_micro_usd: int) -> None:
-        """Replace a reservation by the actual cost, in the transaction that writes the call's
+    def add_settlement(self, reservation: Reservation, used: Used | int) -> None:
+        """Replace a reservation by what the call used, in the transaction that writes the call's
         record: the caller queues its decision record right after, with no await between."""
-        self._pending.extend(("settlement", row) for row in settlement(reservation, actual_micro_usd))
+        self._pending.extend(("settlement", row) for row in settlement(reservation, used))
 
     def add_stored_response(self, row: StoredResponse) -> None:
         """Who made a response the provider keeps; queued before the call's decision record, so

@@ -57,8 +57,10 @@ def token_count(value: Any) -> int:
 def read_usage(usage: Any) -> Usage:
     if not isinstance(usage, Mapping):
         return Usage()
+    details = usage.get("prompt_tokens_details")
     return Usage(input_tokens=token_count(usage.get("prompt_tokens")),
-                 output_tokens=token_count(usage.get("completion_tokens")))
+                 output_tokens=token_count(usage.get("completion_tokens")),
+                 cached_input_tokens=token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0)
 
 
 def chat_tool_names(body: Mapping[str, Any]) -> tuple[str, ...]:

@@ -18,9 +18,9 @@ MAX_MODEL_CHARS = 256
 # A rough, tokenizer-free estimate: about four characters per token, plus framing per message.
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
-# A non-text input part (image, audio, file) is estimated at this many tokens until the
-# estimate learns each kind (spend control's issue): conservative for a typical image.
-TOKENS_PER_MEDIA_PART = 1_600
+# A non-text input part (image, audio, file) is estimated at this many tokens: above what
+# OpenAI bills for its largest high-detail image (about 2,500 on patch-based models).
+TOKENS_PER_MEDIA_PART = 2_600
 # OpenAI's limits on ``metadata`` (https://platform.openai.com/docs/api-reference/chat/create).
 METADATA_PAIRS = 16
 METADATA_KEY_CHARS = 64

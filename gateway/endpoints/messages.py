@@ -54,7 +54,8 @@ def read_usage(usage: Any) -> Usage:
                     + token_count(usage.get("cache_read_input_tokens")))
     # Each count is bounded, their sum too: the audit's token columns hold what token_count allows.
     return Usage(input_tokens=min(input_tokens, MAX_TOKENS_REPORTED),
-                 output_tokens=token_count(usage.get("output_tokens")))
+                 output_tokens=token_count(usage.get("output_tokens")),
+                 cached_input_tokens=token_count(usage.get("cache_read_input_tokens")))
 
 
 def error_from_event(payload: Any) -> UpstreamError:

@@ -65,8 +65,10 @@ PASSED_ON: dict[str, Kind] = {
 def read_usage(usage: Any) -> Usage:
     if not isinstance(usage, Mapping):
         return Usage()
+    details = usage.get("input_tokens_details")
     return Usage(input_tokens=token_count(usage.get("input_tokens")),
-                 output_tokens=token_count(usage.get("output_tokens")))
+                 output_tokens=token_count(usage.get("output_tokens")),
+                 cached_input_tokens=token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0)
 
 
 def _tool_names(tool: Mapping[str, Any], where: str) -> list[str]:

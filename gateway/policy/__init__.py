@@ -28,8 +28,13 @@ MAX_LIMIT_MICRO_USD = 2**62  # $4.6e12: any real budget, with room for spent + r
 
 
 def build_input(principal: Principal, facts: CallFacts, cost_micro_usd_max: int,
-                spend: Mapping[str, Mapping[str, int]], now: str) -> dict[str, Any]:
+                spend: Mapping[str, Mapping[str, int]], now: str, run_id: str | None = None) -> dict[str, Any]:
     """The policy input. Money is given as float dollars and as exact integer micro-dollars."""
+    run = None
+    if run_id is not None:
+        used = spend.get(f"run:{run_id}", {})
+        run = {"id": run_id, "steps": used.get("total_calls", 0), "tokens": used.get("total_tokens", 0),
+               "cost_usd": used.get("total", 0) / MICRO, "cost_micro_usd": used.get("total", 0)}
     return {
         "principal": principal.as_policy_input(),
         "request": {
@@ -47,13 +52,26 @@ def build_input(principal: Principal, facts: CallFacts, cost_micro_usd_max: int,
             "cost_usd_max": cost_micro_usd_max / MICRO,
             "cost_micro_usd_max": cost_micro_usd_max,
         },
-        "spend": {
-            scope: {**{w: v / MICRO for w, v in windows.items()},
-                    **{f"{w}_micro_usd": v for w, v in windows.items()}}
-            for scope, windows in spend.items()
-        },
+        "spend": {scope: _spend(windows) for scope, windows in spend.items()},
+        "run": run,
         "now": now,
     }
+
+
+def _spend(windows: Mapping[str, int]) -> dict[str, Any]:
+    """One scope's spend: money per window as dollars (``month``) and micro-dollars
+    (``month_micro_usd``, ``month_reserved_micro_usd``); tokens and calls as they are
+    (``month_tokens``, ``month_calls``, and their ``_reserved``)."""
+    shown: dict[str, Any] = {}
+    for name, value in windows.items():
+        window, _, rest = name.partition("_")
+        if rest in ("", "reserved"):  # money
+            shown[f"{window}_reserved_micro_usd" if rest else f"{window}_micro_usd"] = value
+            if not rest:
+                shown[window] = value / MICRO
+        else:
+            shown[name] = value
+    return shown
 
 
 def _strings(value: Any, what: str) -> tuple[str, ...]:
@@ -73,20 +91,56 @@ def _object(value: Any, what: str) -> Mapping[str, Any]:
 
 
 def _budget(entry: Any) -> Budget:
+    """One of the decision's ``budgets``: a scope, a window, and one limit (``limit_usd`` or
+    ``limit_micro_usd`` for money, ``limit_tokens``, ``limit_calls``)."""
     entry = _object(entry, "decision.budgets[]")
     scope, window = entry.get("scope"), entry.get("window", "month")
-    if not isinstance(scope, str) or window not in ("day", "month", "total"):
-        raise PolicyEngineError("each budget needs a scope and a window of day, month or total")
+    if not isinstance(scope, str) or not scope or "#" in scope or window not in ("day", "month", "total"):
+        raise PolicyEngineError("each budget needs a scope (without '#') and a window of day, month or total")
     if isinstance(entry.get("limit_micro_usd"), int):
-        limit = entry["limit_micro_usd"]
+        limit, unit = entry["limit_micro_usd"], "usd"
     elif isinstance(entry.get("limit_usd"), (int, float)) and math.isfinite(entry["limit_usd"]):
-        limit = round(entry["limit_usd"] * MICRO)
+        limit, unit = round(entry["limit_usd"] * MICRO), "usd"
+    elif isinstance(entry.get("limit_tokens"), int):
+        limit, unit = entry["limit_tokens"], "tokens"
+    elif isinstance(entry.get("limit_calls"), int):
+        limit, unit = entry["limit_calls"], "calls"
     else:
-        raise PolicyEngineError(f"budget {scope} needs limit_usd or limit_micro_usd")
-    if not 0 <= limit <= MAX_LIMIT_MICRO_USD:
+        raise PolicyEngineError(f"budget {scope} needs limit_usd, limit_micro_usd, limit_tokens or limit_calls")
+    return Budget(scope=scope, window=window, limit=_limit(limit, f"budget {scope}"), unit=unit)
+
+
+def _limit(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LIMIT_MICRO_USD:
         # spent + reserved + amount must fit the ledger's BIGINT columns, whatever the policy says.
-        raise PolicyEngineError(f"budget {scope}: its limit must be between 0 and {MAX_LIMIT_MICRO_USD} micro-dollars")
-    return Budget(scope=scope, window=window, limit_micro_usd=limit)
+        raise PolicyEngineError(f"{what}: its limit must be a whole number between 0 and {MAX_LIMIT_MICRO_USD}")
+    return value
+
+
+# The policy's rate limits: ``limits.<name>: {"key": N, "user": N, "team": N}``.
+RATE_LIMITS = {"requests_per_minute": ("calls", "minute"), "tokens_per_minute": ("tokens", "minute"),
+               "concurrent": ("concurrent", "total")}
+
+
+def rate_budgets(limits: Mapping[str, Any], principal: Principal) -> tuple[Budget, ...]:
+    """The decision's rate limits as budgets on the caller's key, user or team."""
+    budgets = []
+    for name, (unit, window) in RATE_LIMITS.items():
+        per = _object(limits.get(name), f"decision.limits.{name}")
+        for level, limit in per.items():
+            if level not in ("key", "user", "team"):
+                raise PolicyEngineError(f"decision.limits.{name} may name key, user or team, not {level!r}")
+            scope = {"key": f"key:{principal.key_id}", "user": f"user:{principal.user}",
+                     "team": f"team:{principal.team}"}[level]
+            budgets.append(Budget(scope=scope, window=window, limit=_limit(limit, f"limits.{name}.{level}"),
+                                  unit=unit))
+    return tuple(budgets)
+
+
+def _positive_int(value: Any, what: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise PolicyEngineError(f"{what} must be a positive integer")
+    return value
 
 
 def parse_decision(raw: Any) -> Decision:
@@ -113,9 +167,14 @@ def parse_decision(raw: Any) -> Decision:
     if not isinstance(budgets, list):
         raise PolicyEngineError("decision.budgets must be an array")
     limits = _object(raw.get("limits"), "decision.limits")
-    max_tokens = limits.get("max_tokens")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise PolicyEngineError("decision.limits.max_tokens must be a positive integer")
+    max_tokens = _positive_int(limits.get("max_tokens"), "decision.limits.max_tokens")
+    max_steps = _positive_int(limits.get("max_steps_per_run"), "decision.limits.max_steps_per_run")
+    max_run_cost = limits.get("max_cost_usd_per_run")
+    if max_run_cost is not None and not (isinstance(max_run_cost, (int, float)) and not isinstance(max_run_cost, bool)
+                                         and math.isfinite(max_run_cost) and max_run_cost >= 0):
+        raise PolicyEngineError("decision.limits.max_cost_usd_per_run must be a number of dollars")
+    for name in RATE_LIMITS:
+        _object(limits.get(name), f"decision.limits.{name}")
     audit = _object(raw.get("audit"), "decision.audit")
     return Decision(
         allow=raw["allow"],
@@ -125,6 +184,9 @@ def parse_decision(raw: Any) -> Decision:
         approval=requirement,
         budgets=tuple(_budget(b) for b in budgets),
         max_tokens=max_tokens,
+        max_steps_per_run=max_steps,
+        max_run_micro_usd=None if max_run_cost is None else _limit(round(max_run_cost * MICRO), "max_cost_usd_per_run"),
+        rate_limits={name: dict(limits[name]) for name in RATE_LIMITS if limits.get(name)},
         audit_labels={str(k): str(v) for k, v in _object(audit.get("labels"), "decision.audit.labels").items()},
     )
 
