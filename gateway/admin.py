@@ -1,4 +1,8 @@
-"""The approvals over HTTP: the admin API for deciders, and the status URL for requesters.
+"""The admin API: approvals for deciders (and the status URL for requesters), budgets for admins
+and reviewers.
+
+``GET /admin/budgets`` shows spent, reserved and limit of the ledger rows of the caller's org
+(docs/budgets.md), to keys with the admin or reviewer role.
 
 ``GET /admin/approvals``, ``GET /admin/approvals/{id}``, ``POST /admin/approvals/{id}/approve``
 and ``.../deny`` act as the principal of the caller's key (approver or admin role, own org only;
@@ -22,6 +26,7 @@ from gateway.pipeline import Call, GovernedEndpoint, Pipeline
 from gateway.types import Principal
 
 MAX_NOTE_CHARS = 2000
+BUDGET_VIEWERS = frozenset({"admin", "reviewer"})
 STATES = ("pending", "approved", "denied", "expired", "executing", "executed", "failed")
 
 
@@ -45,6 +50,12 @@ class DecideApproval(ApprovalSpec):
     name = "approvals.decide"
     operation = "decide_approval"
     path = "/admin/approvals/{approval_id}/{verdict:str}"
+
+
+class ShowBudgets(ApprovalSpec):
+    name = "budgets.list"
+    operation = "list_budgets"
+    path = "/admin/budgets"
 
 
 class ApprovalStatus(ApprovalSpec):
@@ -106,6 +117,16 @@ async def approval_status(request: Request, call: Call) -> Response:
     return JSONResponse(public(approval), headers=call.headers())
 
 
+async def show_budgets(request: Request, call: Call) -> Response:
+    principal = call.principal
+    assert principal is not None
+    if not BUDGET_VIEWERS.intersection(principal.roles):
+        raise DecisionRefused("The budgets API needs a key with the admin or reviewer role.",
+                              code="reviewer_role_required")
+    rows = await _pipeline(request).ledger.view(principal.org, call.now)
+    return JSONResponse({"object": "list", "data": rows}, headers=call.headers())
+
+
 def _note(raw: bytes) -> str | None:
     """The decision's optional ``{"reason": "..."}``."""
     if not raw.strip():
@@ -129,4 +150,5 @@ ROUTES = (
     (ShowApproval.path, GovernedEndpoint(ShowApproval(), show_approval), ["GET"]),
     (DecideApproval.path, GovernedEndpoint(DecideApproval(), decide_approval), ["POST"]),
     (ApprovalStatus.path, GovernedEndpoint(ApprovalStatus(), approval_status), ["GET"]),
+    (ShowBudgets.path, GovernedEndpoint(ShowBudgets(), show_budgets), ["GET"]),
 )

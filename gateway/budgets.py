@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.errors import BudgetExceeded, RateLimited, StoreUnavailable
-from gateway.store import BudgetLedger, DirectStatements, LedgerReservation
+from gateway.store import ApiKey, BudgetLedger, DirectStatements, LedgerReservation
 from gateway.types import Budget
 
 log = logging.getLogger("lockgate.budgets")
@@ -232,6 +232,31 @@ class BudgetLedgerStore:
         rates = tuple((b.unit, b.limit, u, 60.0 - now.second - now.microsecond / 1e6)
                       for b, u in zip(budgets, used, strict=True) if b.window == "minute")
         return Reservation(rows=tuple((s, w, p, a) for s, w, p, a, _ in rows), id=decision_id, rates=rates)
+
+    async def view(self, org: str | None, now: datetime) -> list[dict[str, Any]]:
+        """Spent, reserved and limit of every ledger row in its current period, for
+        ``GET /admin/budgets`` and ``lockgate budgets show``: of one org's scopes (the org, and the
+        teams, users and keys of its keys), or of every scope (``org`` None, the operator's CLI)."""
+        periods = [(w, period_of(w, now)) for w in WINDOWS]
+        query = select(_ledger).where(or_(*(and_(_ledger.c.window == w, _ledger.c.period == p) for w, p in periods)))
+        keys = ApiKey.__table__  # type: ignore[attr-defined]
+        try:
+            async with self._engine.connect() as connection:
+                rows = (await connection.execute(query.order_by(_ledger.c.scope, _ledger.c.window))).all()
+                members = (await connection.execute(select(keys.c.id, keys.c.user, keys.c.team)
+                                                    .where(keys.c.org == org))).all() if org is not None else []
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable() from exc
+        mine = {f"org:{org}"} | {f"key:{k}" for k, _, _ in members} | {f"user:{u}" for _, u, _ in members} \
+            | {f"team:{t}" for _, _, t in members}
+        shown = []
+        for row in rows:
+            scope, unit = row.scope.rpartition("#")[0] or row.scope, unit_of(row.scope)
+            if org is not None and scope not in mine:
+                continue
+            shown.append({"scope": scope, "unit": unit, "window": row.window, "period": row.period,
+                          "spent": row.spent_micro_usd, "reserved": row.reserved_micro_usd, "limit": row.limit_amount})
+        return shown
 
     async def release_expired(self, now: datetime, limit: int = 200) -> list[Reservation]:
         """Release the reservations whose lease ended before ``now`` (their call never settled:

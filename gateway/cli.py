@@ -191,6 +191,33 @@ def _as_principal(args: argparse.Namespace, action: Callable[[Runtime, Principal
     return asyncio.run(run())
 
 
+def cmd_budgets_show(args: argparse.Namespace) -> int:
+    async def action(runtime: Runtime, principal: Principal) -> int:
+        from gateway.errors import DecisionRefused
+        from gateway.store import utcnow
+
+        if not {"admin", "reviewer"}.intersection(principal.roles):
+            raise DecisionRefused("Showing budgets needs a key with the admin or reviewer role.")
+        rows = await runtime.ledger.view(principal.org, utcnow())
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+
+        def amount(row: dict[str, Any], value: int | None) -> str:
+            if value is None:
+                return "-"
+            return f"${value / 1e6:,.4f}" if row["unit"] == "usd" else f"{value:,} {row['unit']}"
+
+        _table(["SCOPE", "WINDOW", "PERIOD (UTC)", "SPENT", "RESERVED", "LIMIT"], [
+            [r["scope"], r["window"], r["period"], amount(r, r["spent"]), amount(r, r["reserved"]),
+             amount(r, r["limit"])] for r in rows])
+        if not rows:
+            print(f"No budget has been charged in org {principal.org} in the current periods.", file=sys.stderr)
+        return 0
+
+    return _as_principal(args, action)
+
+
 def cmd_approvals_list(args: argparse.Namespace) -> int:
     async def action(runtime: Runtime, principal: Principal) -> int:
         rows = await runtime.approvals.list(principal.org, None if args.status == "all" else args.status)
@@ -309,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("trace_id")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_traces_show)
+
+    budgets = commands.add_parser("budgets", help="budgets and rate limits").add_subparsers(
+        dest="budgets", required=True)
+    bshow = budgets.add_parser("show", help="spent, reserved and limit per scope and window, in the current periods")
+    bshow.add_argument("--json", action="store_true")
+    bshow.add_argument("--key-file", help="file holding an admin or reviewer key (default: LOCKGATE_API_KEY)")
+    bshow.set_defaults(func=cmd_budgets_show)
 
     approvals = commands.add_parser("approvals", help="the approval queue").add_subparsers(
         dest="approvals", required=True)

@@ -38,7 +38,8 @@ def app_client(tmp_path: Path) -> Iterator[tuple[InProcessGateway, dict[str, str
     }}))
     models = [
         {"name": "mock-fast", "provider": "mock", "input_usd_per_mtok": 1, "output_usd_per_mtok": 1},
-        {"name": "down", "provider": "openai", "base_url": f"http://127.0.0.1:{_closed_port()}/v1"},
+        {"name": "down", "provider": "openai", "base_url": f"http://127.0.0.1:{_closed_port()}/v1",
+         "input_usd_per_mtok": 1, "output_usd_per_mtok": 1},
     ]
     settings = load_settings(environ={
         "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db", "LOCKGATE_POLICY_DIR": str(policies),
@@ -122,6 +123,7 @@ def test_refused_calls_leave_no_reservation(app_client: tuple[InProcessGateway, 
 
     async def reserved() -> int:
         from sqlalchemy import text
+        await runtime.audit.flush()  # the settlement is written with the call's record
         async with runtime.engine.connect() as connection:
             return int((await connection.execute(
                 text("SELECT COALESCE(SUM(reserved_micro_usd), 0) FROM budget_ledger"))).scalar_one())

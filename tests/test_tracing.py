@@ -41,6 +41,8 @@ def tree(spans: tuple[ReadableSpan, ...]) -> dict[str, Any]:
         attributes = {k: (list(v) if isinstance(v, tuple) else v) for k, v in (span.attributes or {}).items()}
         if "lockgate.decision_id" in attributes:
             attributes["lockgate.decision_id"] = "<id>"
+        if str(attributes.get("lockgate.policy.revision", "")).startswith("sha256:"):
+            attributes["lockgate.policy.revision"] = "<revision>"  # a content hash of the policy
         return {"name": span.name, "kind": span.kind.name, "status": span.status.status_code.name,
                 "attributes": attributes,
                 "children": [node(c) for c in sorted(by_parent.get(span.context.span_id, []), key=lambda s: s.name)]}
@@ -62,7 +64,8 @@ def test_allowed_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, 
         "attributes": {
             "gen_ai.operation.name": "chat", "lockgate.decision_id": "<id>", "lockgate.endpoint": "chat.completions",
                 "gen_ai.request.model": "fast",
-            "lockgate.decision.allow": True, "gen_ai.provider.name": "mock", "gen_ai.response.model": "mock-fast",
+            "lockgate.decision.allow": True, "lockgate.policy.revision": "<revision>",
+            "gen_ai.provider.name": "mock", "gen_ai.response.model": "mock-fast",
             "gen_ai.usage.input_tokens": usage["prompt_tokens"],
             "gen_ai.usage.output_tokens": usage["completion_tokens"],
             "gen_ai.response.finish_reasons": ["stop"], "http.response.status_code": 200,
@@ -76,6 +79,7 @@ def test_allowed_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, 
                 "gen_ai.response.finish_reasons": ["stop"]}, "children": []},
             {"name": "policy.decide", "kind": "INTERNAL", "status": "UNSET", "attributes": {
                 "lockgate.policy.entrypoint": "data.lockgate.decision", "lockgate.decision.allow": True,
+                "lockgate.policy.revision": "<revision>",
                 "lockgate.decision.reasons": ["team research may use mock-fast"],
                 "lockgate.policy.reused": False}, "children": []},
         ],
@@ -108,12 +112,14 @@ def test_denied_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, s
         "attributes": {
             "gen_ai.operation.name": "chat", "lockgate.decision_id": "<id>", "lockgate.endpoint": "chat.completions",
                 "gen_ai.request.model": "gpt-4o",
-            "lockgate.decision.allow": False, "error.type": "policy_denied", "http.response.status_code": 403,
+            "lockgate.decision.allow": False, "lockgate.policy.revision": "<revision>", "error.type": "policy_denied",
+            "http.response.status_code": 403,
         },
         "children": [
             {"name": "policy.decide", "kind": "INTERNAL", "status": "UNSET", "attributes": {
                 "lockgate.policy.entrypoint": "data.lockgate.decision", "lockgate.decision.allow": False,
-                "lockgate.decision.reasons": [reason], "lockgate.policy.reused": False}, "children": []},
+                "lockgate.policy.revision": "<revision>", "lockgate.decision.reasons": [reason],
+                "lockgate.policy.reused": False}, "children": []},
         ],
     }
 
