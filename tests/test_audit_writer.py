@@ -165,3 +165,38 @@ async def test_a_long_flush_is_written_in_transactions_of_whole_calls(
     assert refused == [f"the store refused a batch of {2 * CALLS_PER_TRANSACTION} audit rows; "
                        "writing them one at a time"]
     assert writer.pending == 0
+
+
+async def test_a_batch_committed_but_not_acknowledged_is_retried_without_charging_twice(
+        engine: AsyncEngine, direct: DirectStatements, ledger: BudgetLedgerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store committed the batch, then the connection broke before it said so: the writer keeps
+    the rows and writes them again. The ledger must still equal the audit, with nothing reserved."""
+    writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000)
+    held = [await ledger.reserve([Budget("team:a", "month", 100_000)], 900, NOW, f"dec_{i}") for i in range(3)]
+    for i, reservation in enumerate(held):
+        writer.add_settlement(reservation, 100 * (i + 1))
+        writer.add_decision(decision_row(f"dec_{i}", 100 * (i + 1)))
+    commit = direct.write_batch
+    lost = []
+
+    async def commit_then_lose_the_answer(statements: Any) -> None:
+        await commit(statements)
+        if not lost:
+            lost.append(True)
+            raise ConnectionResetError("the connection broke after COMMIT")
+
+    monkeypatch.setattr(direct, "write_batch", commit_then_lose_the_answer)
+    monkeypatch.setattr(writer, "_store_answers", _answers_after_the_break)
+    with pytest.raises(ConnectionResetError):
+        await writer.flush()
+    assert writer.pending == 6  # kept: the writer cannot know the commit went through
+    monkeypatch.undo()  # the connection is back
+    await writer.flush()  # the records are there already: refused, then written one by one
+
+    assert await state(engine) == (["dec_0", "dec_1", "dec_2"], (600, 0))
+    assert writer.pending == 0
+
+
+async def _answers_after_the_break() -> bool:
+    return False  # while the connection is broken, the store does not answer: keep the rows

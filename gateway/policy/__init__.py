@@ -33,8 +33,10 @@ def build_input(principal: Principal, facts: CallFacts, cost_micro_usd_max: int,
     run = None
     if run_id is not None:
         used = spend.get(f"run:{run_id}", {})
-        run = {"id": run_id, "steps": used.get("total_calls", 0), "tokens": used.get("total_tokens", 0),
-               "cost_usd": used.get("total", 0) / MICRO, "cost_micro_usd": used.get("total", 0)}
+        # Steps running now count too: an agent's parallel tool calls are steps of the run.
+        run = {"id": run_id, "steps": used.get("total_calls", 0) + used.get("total_calls_reserved", 0),
+               "tokens": used.get("total_tokens", 0), "cost_usd": used.get("total", 0) / MICRO,
+               "cost_micro_usd": used.get("total", 0)}
     return {
         "principal": principal.as_policy_input(),
         "request": {
