@@ -21,8 +21,8 @@ def body(**fields: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("value", "inputs", "tokens"), [
-    ("x" * 40, 1, 11),  # about four characters a token, and one more per input
-    (["x" * 40, "y" * 8, ""], 3, 10 + 2 + 0 + 3),
+    ("x" * 40, 1, 15),  # three characters a token, rounded up (an estimate that errs high), one more per input
+    (["x" * 40, "y" * 8, ""], 3, 16 + 3),  # 48 characters, and one per input
     ([101, 7592, 102], 1, 3),  # token ids are counted, not estimated
     ([[101, 7592], [1, 2, 3, 4]], 2, 6),
 ])

@@ -99,8 +99,8 @@ def test_the_estimate_counts_input_instructions_tools_and_media() -> None:
     full = SPEC.describe(body(input=items, instructions="i" * 200, tools=[TOOL], max_output_tokens=64,
                               previous_response_id="resp_1", metadata={"k": "v"}, stream=True))
 
-    assert (plain.message_count, plain.input_tokens, plain.output_tokens_max) == (1, 104, 500)
-    assert full.message_count == 4 and full.input_tokens > 1600 + (40 + 80 + 400 + 200) // 4
+    assert (plain.message_count, plain.input_tokens, plain.output_tokens_max) == (1, 134 + 4 + 3, 500)
+    assert full.message_count == 4 and full.input_tokens > 2600 + (40 + 80 + 400 + 200) // 3
     assert (full.max_tokens, full.output_tokens_max, full.stream) == (64, 64, True)
     assert (full.previous_response_id, dict(full.metadata), full.endpoint) == ("resp_1", {"k": "v"}, "responses")
     assert SPEC.describe({"model": "fast", "previous_response_id": "resp_1"}).message_count == 0  # input optional

@@ -227,7 +227,7 @@ def text_chars(content: Any, param: str) -> tuple[int, int]:
 
 def estimate_tokens(chars: int, media_parts: int, messages: int) -> int:
     return (-(-chars // CHARS_PER_TOKEN) + TOKENS_PER_MEDIA_PART * media_parts + TOKENS_PER_MESSAGE * messages
-            + TOKENS_PER_REPLY)
+            + (TOKENS_PER_REPLY if messages else 0))
 
 
 def json_chars(value: Any) -> int:
