@@ -702,6 +702,7 @@ class Pipeline:
             "output_tokens": call.usage.output_tokens,
             "cost_micro_usd": call.cost_micro_usd,
             "reserved_micro_usd": call.reserved_micro_usd,
+            "provider_cost_micro_usd": call.usage.provider_cost_micro_usd,
             "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
             "policy_input": call.policy_input,
             "decision": call.raw_decision if isinstance(call.raw_decision, dict) else None,

@@ -136,6 +136,7 @@ class DecisionRecord(SQLModel, table=True):
     # What was reserved before the call: cost minus this is the estimate's error (never above 0
     # but by what the estimate cannot see).
     reserved_micro_usd: int | None = Field(default=None, sa_column=Column(BigInteger))
+    provider_cost_micro_usd: int | None = Field(default=None, sa_column=Column(BigInteger))  # what it said it cost
     duration_ms: float = 0.0
     policy_input: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     decision: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))

@@ -147,6 +147,7 @@ class Usage:
     input_tokens: int = 0  # every input token, cached ones included
     output_tokens: int = 0
     cached_input_tokens: int = 0  # of input_tokens, those read from the provider's prompt cache
+    provider_cost_micro_usd: int | None = None  # a cost the provider reported (usage.cost): recorded, never charged
 
 
 @dataclass(slots=True)

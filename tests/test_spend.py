@@ -186,3 +186,16 @@ def reserved(store_url: str) -> int:
             await engine.dispose()
 
     return int(run(read()))
+
+
+def test_a_cost_the_provider_reports_is_recorded_beside_ours_and_never_charged(tmp_path: Path,
+                                                                              upstream: FakeOpenAI) -> None:
+    usage = {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150, "cost": 0.5}
+    body = {"id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": "gpt-fake", "usage": usage,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+    with gateway_with(tmp_path, [fake_model(upstream, **PRICES)]) as gateway:
+        upstream.script(raw(200, json.dumps(body).encode()))
+        sdk(gateway).chat.completions.create(model="mock-fast", messages=HI)
+        [record] = gateway.decisions()[:1]
+    assert record["provider_cost_micro_usd"] == 500_000  # what it said: $0.50
+    assert record["cost_micro_usd"] == 100 * 1 + 50 * 2  # ours: tokens x the catalog's prices

@@ -24,6 +24,7 @@ from gateway.endpoints.checks import (
     optional_array,
     optional_object,
     positive_int,
+    reported_cost,
     string_map,
     text_chars,
     tool_name,
@@ -60,7 +61,8 @@ def read_usage(usage: Any) -> Usage:
     details = usage.get("prompt_tokens_details")
     return Usage(input_tokens=token_count(usage.get("prompt_tokens")),
                  output_tokens=token_count(usage.get("completion_tokens")),
-                 cached_input_tokens=token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0)
+                 cached_input_tokens=token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0,
+                 provider_cost_micro_usd=reported_cost(usage))
 
 
 def chat_tool_names(body: Mapping[str, Any]) -> tuple[str, ...]:

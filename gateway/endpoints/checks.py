@@ -225,6 +225,15 @@ def text_chars(content: Any, param: str) -> tuple[int, int]:
     return chars, media
 
 
+def reported_cost(usage: Mapping[str, Any]) -> int | None:
+    """A cost in dollars a provider reports in its usage (``cost``, as OpenRouter does), in
+    micro-dollars; None when there is none, or none that reads as a sane number."""
+    cost = usage.get("cost")
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost < 1e9:
+        return None
+    return round(cost * 1_000_000)
+
+
 def estimate_tokens(chars: int, media_parts: int, messages: int) -> int:
     return (-(-chars // CHARS_PER_TOKEN) + TOKENS_PER_MEDIA_PART * media_parts + TOKENS_PER_MESSAGE * messages
             + (TOKENS_PER_REPLY if messages else 0))

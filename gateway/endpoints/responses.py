@@ -35,6 +35,7 @@ from gateway.endpoints.checks import (
     optional_array,
     parse_json_reply,
     positive_int,
+    reported_cost,
     string_map,
     text_chars,
     tool_name,
@@ -68,7 +69,8 @@ def read_usage(usage: Any) -> Usage:
     details = usage.get("input_tokens_details")
     return Usage(input_tokens=token_count(usage.get("input_tokens")),
                  output_tokens=token_count(usage.get("output_tokens")),
-                 cached_input_tokens=token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0)
+                 cached_input_tokens=token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0,
+                 provider_cost_micro_usd=reported_cost(usage))
 
 
 def _tool_names(tool: Mapping[str, Any], where: str) -> list[str]:
