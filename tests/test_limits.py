@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import Gateway, _truncate_all, run, start_gateway, stop_gateway
+from tests.fakes.commit_cutter import CommitCutter
 from tests.fakes.openai_upstream import FakeOpenAI, delay, reply
 
 PROVIDER_KEY = "sk-fake-limits-0123456789abcdef"
@@ -262,3 +263,39 @@ def test_a_scope_without_a_budget_is_never_refused(serve: Serve, upstream: FakeO
     user = client(gateway, gateway.create_key(team="research"))
     results = race([lambda: user.chat.completions.create(model="fake", messages=HI) for _ in range(20)])
     assert not [r for r in results if isinstance(r, Exception)]
+
+
+def test_commits_whose_acknowledgement_is_lost_leave_spend_equal_to_the_audit(
+        serve: Serve, upstream: FakeOpenAI, postgres_url: str) -> None:
+    """A TCP proxy between the gateway and PostgreSQL cuts connections right after COMMITs went
+    through (reservations' and the audit writer's alike). Once leases have ended, the ledger's
+    spend equals the audited cost and nothing is reserved."""
+    run(_truncate_all(postgres_url))
+    port = int(postgres_url.rsplit(":", 1)[1].split("/")[0]) if postgres_url.count(":") > 2 else 5432
+    with CommitCutter(port) as cutter:
+        proxied = postgres_url.replace(f":{port}/", f":{cutter.port}/")
+        upstream.script(*(reply("hi") for _ in range(40)))
+        gateway = serve(proxied, [{"scope": "team:research", "window": "month", "limit_usd": 1000}],
+                        reservation_lease_s="2")
+        key = gateway.create_key(team="research", roles=("admin",))
+        user = client(gateway, key)
+        outcomes = []
+        for index in range(40):
+            if index % 5 == 2:
+                cutter.arm()
+            try:
+                user.chat.completions.create(model="fake", messages=HI, max_tokens=12)
+                outcomes.append("served")
+            except openai.APIStatusError as exc:
+                outcomes.append(str(exc.status_code))
+            time.sleep(0.02)
+        assert cutter.cuts >= 5 and outcomes.count("served") >= 20, outcomes
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ledger = admin_budgets(gateway, key).get(("team:research", "month"), {})
+            audited = sum(d["cost_micro_usd"] for d in gateway.decisions(limit=1000))
+            if ledger.get("reserved") == 0 and ledger.get("spent") == audited:
+                break
+            time.sleep(0.2)
+        assert (ledger["spent"], ledger["reserved"]) == (audited, 0)
+        assert audited == outcomes.count("served") * (9 + 12) * 1000
