@@ -9,8 +9,8 @@ calls, or calls running at once (``concurrent``, released at the end and never s
 
 After the call, the reservation is replaced by what it used: the settlement is written by the
 audit writer in the same transaction as the call's decision record, so the ledger and the audit
-always agree, and it is applied once whatever retries it (the lease row's state says whether it
-was). A reservation whose call never settled (its process died, the settlement was lost) is
+always agree, and it is applied once whatever retries it (it deletes the lease row, and applies
+nothing where that row is gone). A reservation whose call never settled (its process died, the settlement was lost) is
 released by any process once its lease ends (``LeaseReaper``), and the release is audited.
 """
 
@@ -75,18 +75,19 @@ CREATE_ROW = ("INSERT INTO budget_ledger (scope, \"window\", period, spent_micro
 # $3 the money held, $4 lease end).
 INSERT_LEASE = ("INSERT INTO ledger_reservations (id, rows, amount_micro_usd, lease_until, state) "
                 "VALUES ($1, $2, $3, $4, 'held')")
-# A settlement, per call and ledger row, applied once whatever retries it: the lease's state says
-# whether the reservation is still held (released by the lease's end: only the use is added) and
-# whether this call was settled before (nothing changes). $1 decision id, $2 reserved amount,
-# $3 actual use, $4 scope, $5 window, $6 period.
+# A settlement, per call and ledger row, applied once whatever retries it: the lease row says
+# whether the reservation is still held (released by the lease's end: only the use is added),
+# and a lease that is gone was settled before (nothing changes). $1 decision id, $2 reserved
+# amount, $3 actual use, $4 scope, $5 window, $6 period.
 SETTLE = (
     "UPDATE budget_ledger SET "
     "reserved_micro_usd = reserved_micro_usd - CASE (SELECT state FROM ledger_reservations WHERE id = $1) "
     "WHEN 'held' THEN $2 ELSE 0 END, "
-    "spent_micro_usd = spent_micro_usd + CASE (SELECT state FROM ledger_reservations WHERE id = $1) "
-    "WHEN 'settled' THEN 0 ELSE $3 END "
+    "spent_micro_usd = spent_micro_usd + CASE WHEN EXISTS (SELECT 1 FROM ledger_reservations WHERE id = $1) "
+    "THEN $3 ELSE 0 END "
     "WHERE scope = $4 AND \"window\" = $5 AND period = $6")
-SETTLED = "UPDATE ledger_reservations SET state = 'settled' WHERE id = $1 AND state <> 'settled'"
+# Settled, the lease is gone: the table holds only calls running now, and released leases.
+SETTLED = "DELETE FROM ledger_reservations WHERE id = $1"
 # PostgreSQL: a settling writer and a lease's release take the lease row first, so the one that
 # comes second sees what the first did (SQLite runs one writer at a time).
 LOCK_LEASE = "SELECT id FROM ledger_reservations WHERE id = $1 FOR UPDATE"
@@ -96,8 +97,8 @@ RELEASE_LEASE = ("UPDATE ledger_reservations SET state = 'released' "
 # $1 amount, $2 scope, $3 window, $4 period
 RELEASE_ROW = ("UPDATE budget_ledger SET reserved_micro_usd = reserved_micro_usd - $1 "
                "WHERE scope = $2 AND \"window\" = $3 AND period = $4")
-# Settled and released leases are kept a day after their end, for late settlements, then dropped.
-PRUNE_LEASES = "DELETE FROM ledger_reservations WHERE state <> 'held' AND lease_until < $1"
+# Released leases are kept a day after their end, for a late settlement, then dropped.
+PRUNE_LEASES = "DELETE FROM ledger_reservations WHERE state = 'released' AND lease_until < $1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +297,7 @@ def settlement_statements(settlements: Sequence[dict[str, Any]], postgres: bool
     """Settlements for ``DirectStatements.write_batch``, inside the caller's transaction, each
     applied once whatever retries the batch (see SETTLE): the leases locked first (PostgreSQL),
     the ledger rows in the order reservations lock them (no deadlock with reserving calls), then
-    the leases marked settled."""
+    the leases deleted."""
     if not settlements:
         return []
     ids = sorted({entry["id"] for entry in settlements})

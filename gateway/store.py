@@ -61,17 +61,17 @@ class BudgetLedger(SQLModel, table=True):
 
 class LedgerReservation(SQLModel, table=True):
     """A call's reservation while it runs, keyed by its decision id: what the ledger rows hold for
-    it, and until when (its lease). The settlement marks it settled in the transaction that writes
-    the call's record; one whose lease ended first (its process died, its settlement was lost) is
-    released by any process (gateway/budgets.py)."""
+    it, and until when (its lease). The settlement deletes it in the transaction that writes the
+    call's record; one whose lease ended first (its process died, its settlement was lost) is
+    released by any process, and kept a day for a late settlement (gateway/budgets.py)."""
 
     __tablename__ = "ledger_reservations"
 
     id: str = Field(primary_key=True)  # the call's decision id
     rows: list[list[str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     amount_micro_usd: int = Field(sa_column=Column(BigInteger, nullable=False))
-    lease_until: datetime = Field(index=True)
-    state: str = "held"  # held -> settled (by its call) | released (its lease ended first)
+    lease_until: datetime
+    state: str = "held"  # held -> released (its lease ended before its call settled); settled: deleted
 
 
 class Approval(SQLModel, table=True):
