@@ -172,8 +172,12 @@ class ApprovalQueue:
         return None if row is None else await self._current(Approval.model_validate(row._mapping), utcnow())
 
     async def _current(self, approval: Approval, now: datetime) -> Approval:
-        if approval.status == "pending" and _aware(approval.expires_at) <= now:
-            await self._transition(approval, "pending", {"status": "expired"}, "lockgate.approval.expired", now)
+        """A pending approval past its deadline, or an approved one not run within
+        ``approval_use_s``, is expired for every reader; the first to see it writes it."""
+        stale = (approval.status == "pending" and _aware(approval.expires_at) <= now) or (
+            approval.status == "approved" and approval.use_by is not None and _aware(approval.use_by) <= now)
+        if stale:
+            await self._transition(approval, approval.status, {"status": "expired"}, "lockgate.approval.expired", now)
             approval.status = "expired"
         return approval
 

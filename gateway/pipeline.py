@@ -333,7 +333,8 @@ class Pipeline:
             note = f": {approval.decision_note}" if approval.decision_note else ""
             raise ApprovalRejected(f"Approval {approval.id} was denied by {approval.decided_by}{note}.")
         if approval.status == "expired":
-            raise ApprovalRejected(f"Approval {approval.id} expired before anyone decided it ({approval.reason}).",
+            when = "before anyone decided it" if approval.decided_at is None else "before the approved call ran"
+            raise ApprovalRejected(f"Approval {approval.id} expired {when} ({approval.reason}).",
                                    code="approval_expired")
         if approval.status == "pending":  # the status URL's caller in async mode, asking too early
             raise ApprovalConflict(f"Approval {approval.id} is still pending.")

@@ -6,6 +6,7 @@ Nothing else in the gateway constructs clients, engines or stores; the app recei
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from gateway.stored_responses import StoredResponses
 from gateway.types import Provider
 from gateway.upstream import UpstreamClient, build_http_client
 from gateway.webhook import Webhook
+
+log = logging.getLogger("lockgate.runtime")
 
 
 class StartupError(RuntimeError):
@@ -151,7 +154,10 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     keys = KeyStore(engine, settings.auth_cache_ttl_s)
     webhook = None
     if settings.approval_webhook_url:
-        webhook = Webhook(settings.approval_webhook_url, settings.secret(settings.approval_webhook_secret_env))
+        secret = settings.secret(settings.approval_webhook_secret_env)
+        if not secret:
+            log.warning("the approval webhook is not signed: %s is not set", settings.approval_webhook_secret_env)
+        webhook = Webhook(settings.approval_webhook_url, secret)
     approvals = ApprovalQueue(engine, policy=policy, tracer=tracer, poll_interval_s=settings.approval_poll_interval_s,
                               max_pending=settings.approval_max_pending, use_s=settings.approval_use_s,
                               webhook=webhook)

@@ -571,3 +571,13 @@ def test_a_denied_reply_is_an_error_naming_the_tool(reviewing: Desk) -> None:
     reviewing.decide(approval["id"], "deny", reason="not today")
     with pytest.raises(openai.PermissionDeniedError, match=r"transfer_funds.*denied by carol: not today"):
         waiting.result(timeout=30)
+
+
+def test_an_approved_call_not_run_within_the_use_window_expires(start: Start) -> None:
+    desk = start(approval_use_s="0.5")
+    approval_id = approved_async(desk)
+    time.sleep(0.8)
+    with pytest.raises(openai.PermissionDeniedError, match="before the approved call ran") as caught:
+        run_approved(desk, approval_id)
+    assert caught.value.body["code"] == "approval_expired"  # type: ignore[index]
+    assert desk.approval(approval_id)["status"] == "expired"
