@@ -49,6 +49,7 @@ from gateway.errors import (
     PolicyDenied,
     RateLimited,
     RequestTooLarge,
+    StoreUnavailable,
     TooManyApprovals,
     UpstreamError,
     UpstreamUnavailable,
@@ -368,14 +369,12 @@ class Pipeline:
             async for event in inner:
                 yield event
         except GatewayError as exc:
-            self._end(call, status=exc.status, error=exc)
-            yield call.spec.error_event(exc)
+            yield self._stream_error(call, None, exc)
         except Exception as exc:
             log.exception("held stream failed in decision %s", call.decision_id)
             error = GatewayError()
             error.__cause__ = exc
-            self._end(call, status=500, error=error)
-            yield call.spec.error_event(error)
+            yield self._stream_error(call, None, error)
         finally:
             if inner is not None:
                 await inner.aclose()  # type: ignore[attr-defined]
@@ -539,9 +538,8 @@ class Pipeline:
         """Relay a provider's stream event by event, reading it as it passes. When the policy
         reviews replies, events are held back from the first tool call on until the stream's
         terminating event, and released only once the policy has seen every tool call: until
-        then another choice, output item or content block may still call a tool."""
-        error: GatewayError | None = None
-        status = 200
+        then another choice, output item or content block may still call a tool. The last event
+        (the terminating one, or an error event) leaves only once the call's record is durable."""
         reviews = self.policy.reviews_responses
         reviewed = 0  # tool calls the response policy has allowed
         held: list[bytes] = []
@@ -569,34 +567,58 @@ class Pipeline:
                     out = b"".join(held)
                     held.clear()
                 if out:
+                    if reader.terminated and not call.ended:
+                        self._end_stream(call, reader, 200, None)
+                        self._durable(call)
                     yield out
             if not reader.terminated:
                 raise UpstreamUnavailable("The model provider's stream ended before its last event.")
         except GatewayError as exc:
-            error, status = exc, exc.status
-            yield call.spec.error_event(exc)
+            yield self._stream_error(call, reader, exc)
         except GeneratorExit:
-            error, status = ClientClosed(), ClientClosed.status
+            self._end_stream(call, reader, ClientClosed.status, ClientClosed())
             raise
         except Exception as exc:
             log.exception("stream failed in decision %s", call.decision_id)
-            error, status = GatewayError(), 500
+            error = GatewayError()
             error.__cause__ = exc
-            yield call.spec.error_event(error)
+            yield self._stream_error(call, reader, error)
         finally:
             try:
                 await events.aclose()  # type: ignore[attr-defined]
             finally:  # even when closing the provider's stream fails or is cancelled
-                call.reply = reader.facts
-                call.usage = reader.facts.usage
-                if reader.events and not reader.facts.usage_reported:
-                    # The stream ended before the provider reported usage (the client left, or the
-                    # provider broke off), but the provider bills what it generated: estimate it
-                    # from the prompt and about one token per relayed event, rather than charge nothing.
-                    call.usage = Usage(input_tokens=call.facts.input_tokens if call.facts else 0,
-                                       output_tokens=reader.events)
-                    call.reasons = (*call.reasons, "usage estimated: the stream ended before the provider reported it")
-                self._end(call, status=status, error=error)
+                self._end_stream(call, reader, ClientClosed.status, ClientClosed())
+
+    def _stream_error(self, call: Call, reader: StreamReader | None, error: GatewayError) -> bytes:
+        """The error event that ends a stream, once the call's record is durable."""
+        if reader is not None:
+            self._end_stream(call, reader, error.status, error)
+        else:
+            self._end(call, status=error.status, error=error)
+        try:
+            self._durable(call)
+        except StoreUnavailable:
+            pass  # the error event goes out all the same: it is no answer to withhold
+        return call.spec.error_event(error)
+
+    def _end_stream(self, call: Call, reader: StreamReader, status: int, error: GatewayError | None) -> None:
+        """End a streamed call with what its reader saw (once; later calls do nothing)."""
+        if call.ended:
+            return
+        call.reply = reader.facts
+        call.usage = reader.facts.usage
+        if reader.events and not reader.facts.usage_reported:
+            # The stream ended before the provider reported usage (the client left, or the
+            # provider broke off), but the provider bills what it generated: estimate it
+            # from the prompt and about one token per relayed event, rather than charge nothing.
+            call.usage = Usage(input_tokens=call.facts.input_tokens if call.facts else 0, output_tokens=reader.events)
+            call.reasons = (*call.reasons, "usage estimated: the stream ended before the provider reported it")
+        self._end(call, status=status, error=error)
+
+    def _durable(self, call: Call) -> None:
+        """Make the call's record (queued by ``_end``) survive this process before its answer ends:
+        the audit journal's write (gateway/audit/journal.py). Raises StoreUnavailable."""
+        self.audit.durable()
 
     def _refuse(self, call: Call, exc: GatewayError) -> Response:
         response = call.spec.error_response(exc)
@@ -745,6 +767,14 @@ class GovernedResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            if not isinstance(self.response, SSEResponse):
+                # Durable before the answer: the call's record is in the store before the client
+                # gets the last byte (a stream: before its last event, in the relay).
+                try:
+                    self._pipeline._durable(self._call)
+                except StoreUnavailable as exc:
+                    self.response = self._call.spec.error_response(exc)
+                    self.response.headers.update(self._call.headers())
             await self.response(scope, receive, send)
         finally:
             self._pipeline._end(self._call, status=ClientClosed.status, error=ClientClosed())

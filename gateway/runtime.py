@@ -21,6 +21,7 @@ from adapters.azure_openai import AzureOpenAIProvider
 from adapters.mock import MockProvider
 from adapters.openai import OpenAIProvider
 from gateway.approvals import ApprovalQueue
+from gateway.audit.journal import Journal
 from gateway.audit.tracing import build_tracer_provider
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore
@@ -83,6 +84,16 @@ def build_policy(settings: Settings) -> PolicyStage:
         raise StartupError(f"policy in {folder} cannot be used: {exc}") from None
 
 
+def journal_folder(settings: Settings) -> Path:
+    """The audit journal's folder: as set, else beside a SQLite store, else in the working directory."""
+    if settings.audit_journal_dir:
+        return Path(settings.audit_journal_dir)
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        return Path(url.database + ".journal")
+    return Path("lockgate.journal")
+
+
 def _store_name(settings: Settings) -> str:
     return settings.database_url.split("@")[-1]  # never the credentials
 
@@ -129,7 +140,15 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     except StartupError:
         await engine.dispose()
         raise
-    audit = AuditWriter(direct, settings.audit_flush_interval_s, settings.audit_batch_size)
+    journal_root = journal_folder(settings)
+    try:
+        journal = Journal(journal_root)
+    except OSError as exc:
+        await engine.dispose()
+        await direct.close()
+        raise StartupError(f"cannot open the audit journal in {journal_root}: {exc.strerror}") from None
+    audit = AuditWriter(direct, settings.audit_flush_interval_s, settings.audit_batch_size, journal)
+    await audit.replay(journal_root)  # the records of calls a process that is gone answered but never wrote
     tracer_provider = build_tracer_provider(audit, extra_span_processors)
     tracer = tracer_provider.get_tracer("lockgate")
     limits = RoutingLimits(

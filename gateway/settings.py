@@ -224,6 +224,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("audit_flush_interval_s", 0.2,
             "Seconds between writes of buffered decision records, spans and budget settlements to the store; "
             "a call's reservation is held until its settlement is written.", _positive(float)),
+    Setting("audit_journal_dir", None,
+            "Folder of the audit journal, which makes each call's record survive the process before its "
+            "answer ends (default: beside a SQLite store, `<file>.journal`; with PostgreSQL, "
+            "`lockgate.journal` in the working directory). Processes sharing it replay each other's "
+            "journal once its owner is gone.", _optional_str),
     Setting("audit_batch_size", 512, "Buffered decision records that trigger an immediate write.", _positive(int)),
     Setting("approval_hold_s", 300.0,
             "Seconds a call that needs approval is held open for the decision; then the client is told to "

@@ -300,8 +300,8 @@ class DirectStatements:
     def insert(self, table: Table, rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
         """An INSERT of ``rows`` (dicts keyed by column) for ``write_batch``, with values stored
         as SQLAlchemy stores them, so its readers see no difference: JSON as text, and on SQLite
-        datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC). A table whose ``info`` says
-        ``replace_on_conflict`` has a row with a taken primary key replace the old one."""
+        datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC). A row whose primary key is taken is
+        skipped, or, in a table whose ``info`` says ``replace_on_conflict``, replaces the old one."""
         known = self._inserts.get(table.name)
         if known is None:
             known = self._inserts[table.name] = self._insert_for(table)
@@ -316,6 +316,10 @@ class DirectStatements:
             keys = ", ".join(f'"{c.name}"' for c in table.primary_key.columns)
             others = ", ".join(f'"{c.name}" = excluded."{c.name}"' for c in columns if not c.primary_key)
             sql += f" ON CONFLICT ({keys}) DO UPDATE SET {others}"
+        else:
+            # A row already there (a batch whose commit was not acknowledged, a replayed journal)
+            # is the same row: written once.
+            sql += " ON CONFLICT DO NOTHING"
         convert: list[Callable[[Any], Any] | None] = []
         for column in columns:
             if isinstance(column.type, JSON):

@@ -1,6 +1,9 @@
 """Buffered writes of what each call leaves behind: decision records, spans and ledger settlements.
 
-Requests never wait on these writes. Rows are written every ``audit_flush_interval_s`` or as
+Every row is journaled first (gateway/audit/journal.py): ``durable`` writes the journal out
+before a call's answer ends, so an answered call's record survives the process being killed;
+a process that starts replays the journals of the ones that are gone. Requests never wait on
+the store's writes. Rows are written every ``audit_flush_interval_s`` or as
 soon as ``audit_batch_size`` decision records are waiting, and always on shutdown, in
 transactions of up to ``CALLS_PER_TRANSACTION`` calls: a call's decision record and the
 settlement of its budget reservation land together or not at all, so the audit's cost and the
@@ -15,11 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 from collections import deque
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import DateTime
+
+from gateway.audit.journal import Journal, orphaned, read
 from gateway.budgets import Reservation, Used, settlement, settlement_statements
+from gateway.errors import StoreUnavailable
 from gateway.store import DecisionRecord, DirectStatements, SpanRecord, StoredResponse
 
 log = logging.getLogger("lockgate.audit")
@@ -30,6 +40,7 @@ _TABLES = {"decision": DecisionRecord.__table__, "span": SpanRecord.__table__,  
 # connection runs both), and one call's rows cost ~30 us of SQLite's time on the bench machine:
 # 64 calls keep that wait near 2 ms. A flush writes as many transactions as it needs.
 CALLS_PER_TRANSACTION = 64
+REPLAY_EVERY_S = 30.0  # how often a running process looks for journals of processes that are gone
 
 Item = tuple[str, dict[str, Any]]  # ("decision" | "span" | "response" | "settlement" | "approval", row)
 
@@ -51,8 +62,10 @@ def approval_outcome_statement(direct: DirectStatements, rows: list[dict[str, An
 
 
 class AuditWriter:
-    def __init__(self, direct: DirectStatements, flush_interval_s: float, batch_size: int) -> None:
+    def __init__(self, direct: DirectStatements, flush_interval_s: float, batch_size: int,
+                 journal: Journal | None = None) -> None:
         self._direct = direct
+        self._journal = journal
         self._interval = flush_interval_s
         self._batch_size = batch_size
         # One queue, in the order rows arrive: a call queues its settlement just before its
@@ -76,6 +89,8 @@ class AuditWriter:
                 # later one (and the settlements written with them).
                 row[name] = value.replace("\x00", "\ufffd")
         self._pending.append(("decision", row))
+        if self._journal is not None:
+            self._journal.append("decision", row)
         self._decisions += 1
         if self._decisions >= self._batch_size:
             self._wake.set()
@@ -83,13 +98,17 @@ class AuditWriter:
     def add_settlement(self, reservation: Reservation, used: Used | int) -> None:
         """Replace a reservation by what the call used, in the transaction that writes the call's
         record: the caller queues its decision record right after, with no await between."""
-        self._pending.extend(("settlement", row) for row in settlement(reservation, used))
+        rows = settlement(reservation, used)
+        self._pending.extend(("settlement", row) for row in rows)
+        if self._journal is not None:
+            for row in rows:
+                self._journal.append("settlement", row)
 
     def add_stored_response(self, row: StoredResponse) -> None:
         """Who made a response the provider keeps; queued before the call's decision record, so
         both land in one transaction."""
         self._responses.add(row.id)
-        self._pending.append(("response", row.model_dump()))
+        self._queue("response", row.model_dump())
 
     def holds_response(self, response_id: str) -> bool:
         """The row of this stored response is queued, not yet in the store."""
@@ -99,25 +118,68 @@ class AuditWriter:
         """What the call that ran an approval made of it (executed, failed, or approved again):
         queued before the call's decision record, so both land in one transaction."""
         self._approvals.add(approval_id)
-        self._pending.append(("approval", {"id": approval_id, "decision_id": decision_id, "status": status,
-                                           "at": at}))
+        self._queue("approval", {"id": approval_id, "decision_id": decision_id, "status": status, "at": at})
 
     def holds_approval(self, approval_id: str) -> bool:
         """An outcome of this approval is queued, not yet in the store."""
         return approval_id in self._approvals
 
     def add_span(self, row: dict[str, Any]) -> None:
-        self._pending.append(("span", row))
+        self._queue("span", row)
+
+    def _queue(self, kind: str, row: dict[str, Any]) -> None:
+        self._pending.append((kind, row))
+        if self._journal is not None:
+            self._journal.append(kind, row)
+
+    def durable(self) -> None:
+        """Make every row queued so far survive this process (the journal's write): called before a
+        call's answer ends. Raises StoreUnavailable if the journal cannot be written (fail closed)."""
+        if self._journal is None:
+            return
+        try:
+            self._journal.write_out()
+        except OSError as exc:
+            log.exception("the audit journal cannot be written")
+            raise StoreUnavailable("The audit journal cannot be written, so this call's answer is withheld.") from exc
+
+    async def replay(self, root: Path) -> int:
+        """Write the journals of gateway processes that are gone into the store, then delete them:
+        the records of calls they answered but had not written yet. The rows replayed."""
+        replayed = 0
+        for folder, lock in orphaned(root):
+            try:
+                items = [_revive(kind, row) for kind, row in read(folder)]
+                self._pending.extendleft(reversed(items))
+                await self.flush()
+                replayed += len(items)
+                shutil.rmtree(folder, ignore_errors=True)
+                if items:
+                    log.warning("replayed %d audit rows journaled by a gateway process that stopped before "
+                                "writing them", len(items))
+            finally:
+                os.close(lock)
+        return replayed
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="lockgate-audit-writer")
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_replay = loop.time() + REPLAY_EVERY_S
         while not self._closing:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
-            except TimeoutError:
-                pass
+            if self._journal is not None and loop.time() >= next_replay:
+                # Another process sharing the journal folder may have died since we started.
+                next_replay = loop.time() + REPLAY_EVERY_S
+                try:
+                    await self.replay(self._journal.root)
+                except Exception:
+                    log.exception("replaying the audit journal of a stopped process failed; trying again later")
+            # Woken by a full batch, close, or the interval (a timer: asyncio.wait_for would cost a
+            # task per wake-up).
+            timer = loop.call_later(self._interval, self._wake.set)
+            await self._wake.wait()
+            timer.cancel()
             self._wake.clear()
             try:
                 await self.flush()
@@ -130,6 +192,7 @@ class AuditWriter:
 
     async def flush(self) -> None:
         async with self._lock:
+            sealed = self._journal.seal() if self._journal is not None else None
             items = [self._pending.popleft() for _ in range(len(self._pending))]
             self._decisions = 0
             written = 0  # items[:written] are in the store, or were refused by it and dropped
@@ -161,6 +224,8 @@ class AuditWriter:
                     self._approvals.difference_update(row["id"] for kind, row in items[:written] if kind == "approval")
                 # The store is away, or the flush was cancelled: keep the rest for the next one.
                 self._pending.extendleft(reversed(items[written:]))
+                if sealed is not None and written == len(items):
+                    self._journal.drop(sealed)  # type: ignore[union-attr]  # every row sealed so far is in the store
                 self._decisions += sum(1 for kind, _ in items[written:] if kind == "decision")
 
     async def _write(self, items: list[Item]) -> None:
@@ -190,6 +255,25 @@ class AuditWriter:
         if self._task is not None:
             await self._task
         await self.flush()
+        if self._journal is not None:
+            self._journal.close(clean=not self._pending)
+
+
+def _is_datetime(column: Any) -> bool:
+    kind = column.type
+    return isinstance(kind, DateTime) or isinstance(getattr(kind, "impl", None), DateTime)  # sqlmodel's UTCDateTime
+
+
+_DATETIMES = {kind: {c.name for c in table.columns if _is_datetime(c)} for kind, table in _TABLES.items()}
+_DATETIMES["approval"] = {"at"}
+
+
+def _revive(kind: str, row: dict[str, Any]) -> Item:
+    """A journaled row as the writer queued it: its datetimes, which JSON made strings, made again."""
+    for name in _DATETIMES.get(kind, ()):
+        if isinstance(row.get(name), str):
+            row[name] = datetime.fromisoformat(row[name])
+    return kind, row
 
 
 def _transaction_end(items: list[Item], start: int) -> int:
