@@ -104,6 +104,56 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return _with_store(args, action)
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    import os
+
+    from gateway.audit.verify import verify
+
+    settings = _settings(args)
+    key = os.environ.get(settings.audit_key_env, "")
+
+    async def action(engine: AsyncEngine) -> int:
+        report = await verify(engine, key)
+        for note in report.notes:
+            print(f"lockgate: note: {note}", file=sys.stderr)
+        if report.broken is not None:
+            where = f"record {report.broken.seq}" + (f" ({report.broken.record_id})" if report.broken.record_id else "")
+            print(f"BROKEN at {where}: {report.broken.why}")
+            return 1
+        span = f"records {report.first} to {report.last}" if report.records else "no chained records"
+        print(f"intact: {span} ({report.records} checked)")
+        return 0
+
+    return _with_store(args, action)
+
+
+def cmd_audit_prune(args: argparse.Namespace) -> int:
+    import os
+    from datetime import UTC
+
+    from gateway.audit.verify import prune
+
+    settings = _settings(args)
+    key = os.environ.get(settings.audit_key_env, "")
+    try:
+        before = datetime.fromisoformat(args.before)
+    except ValueError:
+        print(f"lockgate: --before must be a date or time such as 2026-11-01, got {args.before!r}", file=sys.stderr)
+        return 2
+    before = before if before.tzinfo else before.replace(tzinfo=UTC)
+
+    async def action(engine: AsyncEngine) -> int:
+        deleted, last = await prune(engine, before, key)
+        if last is None:
+            print(f"Nothing to prune before {before.isoformat()}.")
+        else:
+            print(f"Pruned {deleted} records (the chain up to record {last}) made before {before.isoformat()}; "
+                  "a signed checkpoint keeps the rest verifiable.")
+        return 0
+
+    return _with_store(args, action)
+
+
 def cmd_traces_list(args: argparse.Namespace) -> int:
     from gateway.audit.reader import list_decisions
 
@@ -324,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(func=cmd_keys_revoke)
+
+    audit = commands.add_parser("audit", help="the audit's hash chain").add_subparsers(dest="audit", required=True)
+    audit.add_parser("verify", help="walk the hash chain; name the first record that does not fit").set_defaults(
+        func=cmd_audit_verify)
+    aprune = audit.add_parser("prune", help="delete old records, leaving a checkpoint so verify still passes")
+    aprune.add_argument("--before", required=True, help="a date or time, UTC unless it says otherwise")
+    aprune.set_defaults(func=cmd_audit_prune)
 
     traces = commands.add_parser("traces", help="read the audit").add_subparsers(dest="traces", required=True)
     tlist = traces.add_parser("list", help="the latest calls, newest first")

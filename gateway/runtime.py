@@ -147,7 +147,8 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
         await engine.dispose()
         await direct.close()
         raise StartupError(f"cannot open the audit journal in {journal_root}: {exc.strerror}") from None
-    audit = AuditWriter(direct, settings.audit_flush_interval_s, settings.audit_batch_size, journal)
+    audit = AuditWriter(direct, settings.audit_flush_interval_s, settings.audit_batch_size, journal,
+                        checkpoint_key=settings.secret(settings.audit_key_env))
     await audit.replay(journal_root)  # the records of calls a process that is gone answered but never wrote
     tracer_provider = build_tracer_provider(audit, extra_span_processors)
     tracer = tracer_provider.get_tracer("lockgate")

@@ -174,7 +174,7 @@ DEFAULT_MODELS: list[dict[str, Any]] = [
      "input_usd_per_mtok": 2.50, "output_usd_per_mtok": 10.00},
 ]
 
-SECRET_ENV_NAMES = ("CONFIG", "API_KEY", "WEBHOOK_SECRET")  # LOCKGATE_* variables that are no setting
+SECRET_ENV_NAMES = ("CONFIG", "API_KEY", "WEBHOOK_SECRET", "AUDIT_KEY")  # LOCKGATE_* variables that are no setting
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", "Address the gateway listens on.", str),
@@ -224,6 +224,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("audit_flush_interval_s", 0.2,
             "Seconds between writes of buffered decision records, spans and budget settlements to the store; "
             "a call's reservation is held until its settlement is written.", _positive(float)),
+    Setting("audit_key_env", "LOCKGATE_AUDIT_KEY",
+            "Environment variable holding the key that signs the audit chain's checkpoints (HMAC-SHA256); "
+            "keep it outside the database. Without it, checkpoints are written unsigned.", str),
     Setting("audit_journal_dir", None,
             "Folder of the audit journal, which makes each call's record survive the process before its "
             "answer ends (default: beside a SQLite store, `<file>.journal`; with PostgreSQL, "

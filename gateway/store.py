@@ -14,6 +14,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -23,6 +24,8 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
+
+from gateway.audit.chain import CHAIN_LOCK, GENESIS, checkpoint_mac, record_hash
 
 _T = TypeVar("_T")
 log = logging.getLogger("lockgate.store")
@@ -142,8 +145,29 @@ class DecisionRecord(SQLModel, table=True):
     decision: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     policy_revision: str | None = None  # the policy that decided (gateway/policy/source.py)
     approval_id: str | None = Field(default=None, index=True)  # the approval this call asked for or ran under
+    # The hash chain (gateway/audit/chain.py): position, the previous record's hash, this one's.
+    seq: int | None = Field(default=None, sa_column=Column(BigInteger, unique=True))
+    prev_hash: str | None = None
+    record_hash: str | None = None
     approved_by: str | None = None
     approved_at: datetime | None = None
+
+
+DECISION_COLUMNS = tuple(c.name for c in DecisionRecord.__table__.columns)  # type: ignore[attr-defined]
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed statement that the chain reached ``seq`` with ``record_hash`` (kind ``tip``), or
+    that the records up to ``seq`` were pruned (kind ``prune``): gateway/audit/chain.py."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: str = Field(primary_key=True)
+    kind: str
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    record_hash: str
+    created_at: datetime
+    mac: str | None = None  # HMAC-SHA256 under the key of audit_checkpoint_key_env; None without a key
 
 
 class StoredResponse(SQLModel, table=True):
@@ -336,9 +360,20 @@ class DirectStatements:
 
         return sql, to_tuple
 
-    async def write_batch(self, statements: Sequence[tuple[str, Sequence[tuple[Any, ...]]]]) -> None:
-        """Run each (statement, rows) as an executemany, all in one transaction: all or nothing."""
-        await self._backend.write_batch([(self._native(sql), rows) for sql, rows in statements if rows])
+    async def write_batch(self, statements: Sequence[tuple[str, Sequence[tuple[Any, ...]]]],
+                          decisions: Sequence[dict[str, Any]] = (), checkpoint: tuple[str, str] | None = None
+                          ) -> None:
+        """Run each (statement, rows) as an executemany, all in one transaction: all or nothing.
+        ``decisions`` are decision records to append to the hash chain first, in the same
+        transaction (gateway/audit/chain.py); ``checkpoint`` (id, key) signs where the chain ends."""
+        chain = None
+        if decisions or checkpoint:
+            table = DecisionRecord.__table__  # type: ignore[attr-defined]
+            sql, to_tuple = self._inserts.get(table.name) or self._inserts.setdefault(table.name,
+                                                                                     self._insert_for(table))
+            chain = Chain(self._native(sql), list(decisions), to_tuple, checkpoint,
+                          self.datetime_value(datetime.now(UTC)))
+        await self._backend.write_batch([(self._native(sql), rows) for sql, rows in statements if rows], chain)
 
     async def ping(self) -> None:
         """Raise if the store does not answer."""
@@ -474,14 +509,26 @@ class _SQLiteThread:
     def _rowcount(self, sql: str, params: tuple[Any, ...]) -> int:
         return self._connection().execute(sql, params).rowcount
 
-    async def write_batch(self, statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> None:
-        if statements:
-            await self._run(self._write_batch, statements)
+    async def write_batch(self, statements: list[tuple[str, Sequence[tuple[Any, ...]]]],
+                          chain: Chain | None = None) -> None:
+        if statements or chain:
+            await self._run(self._write_batch, statements, chain)
 
-    def _write_batch(self, statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> None:
+    def _write_batch(self, statements: list[tuple[str, Sequence[tuple[Any, ...]]]], chain: Chain | None) -> None:
         db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")  # one writer at a time: the chain's lock on SQLite
         try:
+            if chain is not None:
+                ids = [row["id"] for row in chain.rows]
+                marks = ", ".join("?" * len(ids))
+                existing = {r[0] for r in db.execute(f"SELECT id FROM decision_records WHERE id IN ({marks})",
+                                                     ids)} if ids else set()
+                tip = db.execute(CHAIN_TIP).fetchone() or db.execute(PRUNED_TIP).fetchone()
+                linked, checkpoint = chain.link(existing, tip)
+                if linked:
+                    db.executemany(chain.insert, linked)
+                if checkpoint:
+                    db.execute(INSERT_CHECKPOINT.replace("$", "?"), checkpoint)
             for sql, rows in statements:
                 db.executemany(sql, rows)
             db.execute("COMMIT")
@@ -504,6 +551,44 @@ class _SQLiteThread:
             self._closed = True
             self._jobs.put(None)
             self._stop_checkpoints.set()
+
+
+CHAIN_TIP = "SELECT seq, record_hash FROM decision_records WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1"
+PRUNED_TIP = "SELECT seq, record_hash FROM audit_checkpoints WHERE kind = 'prune' ORDER BY seq DESC LIMIT 1"
+INSERT_CHECKPOINT = ("INSERT INTO audit_checkpoints (id, kind, seq, record_hash, created_at, mac) "
+                     "VALUES ($1, 'tip', $2, $3, $4, $5)")
+
+
+@dataclass
+class Chain:
+    """Decision records to append to the hash chain, inside a write transaction."""
+
+    insert: str
+    rows: list[dict[str, Any]]
+    to_tuple: Callable[[dict[str, Any]], tuple[Any, ...]]
+    checkpoint: tuple[str, str] | None  # (checkpoint id, HMAC key): sign the new tip
+    stamp: Any  # now, as the store takes datetimes
+
+    def link(self, existing: set[str], tip: tuple[Any, ...] | None
+             ) -> tuple[list[tuple[Any, ...]], tuple[Any, ...] | None]:
+        """The rows to insert, each chained after ``tip`` (seq, hash), skipping records already
+        stored (a batch written again); and the checkpoint row to insert, if one is due."""
+        seq, prev = (int(tip[0]), str(tip[1])) if tip else (0, GENESIS)
+        rows = []
+        for row in self.rows:
+            if row["id"] in existing:
+                continue
+            full = {name: row.get(name) for name in DECISION_COLUMNS}
+            seq += 1
+            full["seq"], full["prev_hash"] = seq, prev
+            full["record_hash"] = prev = record_hash(prev, full)
+            row.update(seq=seq, prev_hash=full["prev_hash"], record_hash=prev)
+            rows.append(self.to_tuple(full))
+        checkpoint = None
+        if self.checkpoint is not None and (rows or tip):
+            checkpoint_id, key = self.checkpoint
+            checkpoint = (checkpoint_id, seq, prev, self.stamp, checkpoint_mac(key, seq, prev, "tip") if key else None)
+        return rows, checkpoint
 
 
 class _NotChanged(Exception):
@@ -555,10 +640,22 @@ class _PostgresPool:
             return refused, []
         return -1, used
 
-    async def write_batch(self, statements: list[tuple[str, Sequence[tuple[Any, ...]]]]) -> None:
-        if not statements:
+    async def write_batch(self, statements: list[tuple[str, Sequence[tuple[Any, ...]]]],
+                          chain: Chain | None = None) -> None:
+        if not statements and chain is None:
             return
         async with self._pool.acquire() as connection, connection.transaction():
+            if chain is not None:
+                # One writer of the chain at a time, across every process sharing the store.
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
+                existing = {r["id"] for r in await connection.fetch(
+                    "SELECT id FROM decision_records WHERE id = ANY($1::text[])", [row["id"] for row in chain.rows])}
+                tip = await connection.fetchrow(CHAIN_TIP) or await connection.fetchrow(PRUNED_TIP)
+                linked, checkpoint = chain.link(existing, tuple(tip) if tip else None)
+                if linked:
+                    await connection.executemany(chain.insert, linked)
+                if checkpoint:
+                    await connection.execute(INSERT_CHECKPOINT, *checkpoint)
             for sql, rows in statements:
                 await connection.executemany(sql, rows)
 
@@ -599,6 +696,30 @@ async def create_tables(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
         await connection.run_sync(SQLModel.metadata.create_all)
         await connection.run_sync(_add_missing_columns)
+        await connection.run_sync(_append_only)
+
+
+APPEND_ONLY = ("decision_records", "spans", "audit_checkpoints")
+
+
+def _append_only(connection: Any) -> None:
+    """Triggers that make the store refuse UPDATE and DELETE on the audit's tables (``lockgate audit
+    prune`` alone lifts them, inside its own transaction)."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION lockgate_append_only() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'lockgate: % on % is refused: the audit is append-only', TG_OP, TG_TABLE_NAME; "
+            "END $$ LANGUAGE plpgsql")
+        for table in APPEND_ONLY:
+            connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
+            connection.exec_driver_sql(f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+                                       "FOR EACH ROW EXECUTE FUNCTION lockgate_append_only()")
+        return
+    for table in APPEND_ONLY:
+        for action in ("UPDATE", "DELETE"):
+            connection.exec_driver_sql(
+                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{action.lower()} BEFORE {action} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, 'lockgate: {action} on {table} is refused: the audit is append-only'); END")
 
 
 def _add_missing_columns(connection: Any) -> None:

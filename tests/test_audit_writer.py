@@ -178,8 +178,8 @@ async def test_a_batch_committed_but_not_acknowledged_is_retried_without_chargin
     commit = direct.write_batch
     lost = []
 
-    async def commit_then_lose_the_answer(statements: Any) -> None:
-        await commit(statements)
+    async def commit_then_lose_the_answer(*args: Any) -> None:
+        await commit(*args)
         if not lost:
             lost.append(True)
             raise ConnectionResetError("the connection broke after COMMIT")

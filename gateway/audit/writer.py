@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
+import time
 from collections import deque
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +43,7 @@ _TABLES = {"decision": DecisionRecord.__table__, "span": SpanRecord.__table__,  
 # 64 calls keep that wait near 2 ms. A flush writes as many transactions as it needs.
 CALLS_PER_TRANSACTION = 64
 REPLAY_EVERY_S = 30.0  # how often a running process looks for journals of processes that are gone
+CHECKPOINT_EVERY_S = 10.0  # at most this often, a flush signs where the hash chain ends
 
 Item = tuple[str, dict[str, Any]]  # ("decision" | "span" | "response" | "settlement" | "approval", row)
 
@@ -63,9 +66,11 @@ def approval_outcome_statement(direct: DirectStatements, rows: list[dict[str, An
 
 class AuditWriter:
     def __init__(self, direct: DirectStatements, flush_interval_s: float, batch_size: int,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, checkpoint_key: str = "") -> None:
         self._direct = direct
         self._journal = journal
+        self._checkpoint_key = checkpoint_key  # signs the chain's checkpoints (HMAC); kept outside the store
+        self._next_checkpoint = 0.0
         self._interval = flush_interval_s
         self._batch_size = batch_size
         # One queue, in the order rows arrive: a call queues its settlement just before its
@@ -235,10 +240,16 @@ class AuditWriter:
                                                  "approval": []}
         for kind, row in items:
             rows[kind].append(row)
-        statements = [self._direct.insert(table, rows[kind]) for kind, table in _TABLES.items()]
+        # Decision records go into the hash chain, first in the transaction (gateway/audit/chain.py).
+        statements = [self._direct.insert(table, rows[kind]) for kind, table in _TABLES.items() if kind != "decision"]
         statements.append(approval_outcome_statement(self._direct, rows["approval"]))
         statements += settlement_statements(rows["settlement"], self._direct.postgres)
-        await self._direct.write_batch(statements)
+        checkpoint = None
+        now = time.monotonic()
+        if rows["decision"] and now >= self._next_checkpoint:
+            checkpoint = ("cp_" + secrets.token_hex(8), self._checkpoint_key)
+            self._next_checkpoint = now + CHECKPOINT_EVERY_S
+        await self._direct.write_batch(statements, rows["decision"], checkpoint)
 
     async def _store_answers(self) -> bool:
         try:
@@ -255,6 +266,11 @@ class AuditWriter:
         if self._task is not None:
             await self._task
         await self.flush()
+        if not self._pending:
+            try:  # sign where the chain ends, so verify sees a tail cut off after this
+                await self._direct.write_batch([], (), ("cp_" + secrets.token_hex(8), self._checkpoint_key))
+            except Exception:
+                log.warning("could not write the audit chain's last checkpoint", exc_info=True)
         if self._journal is not None:
             self._journal.close(clean=not self._pending)
 
