@@ -22,7 +22,7 @@ from adapters.mock import MockProvider
 from adapters.openai import OpenAIProvider
 from gateway.approvals import ApprovalQueue
 from gateway.audit.journal import Journal
-from gateway.audit.tracing import build_tracer_provider
+from gateway.audit.tracing import build_tracer_provider, otlp_processor
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore
 from gateway.budgets import BudgetLedgerStore, LeaseReaper
@@ -150,6 +150,8 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     audit = AuditWriter(direct, settings.audit_flush_interval_s, settings.audit_batch_size, journal,
                         checkpoint_key=settings.secret(settings.audit_key_env))
     await audit.replay(journal_root)  # the records of calls a process that is gone answered but never wrote
+    if settings.otlp_endpoint:
+        extra_span_processors = (*extra_span_processors, otlp_processor(settings.otlp_endpoint))
     tracer_provider = build_tracer_provider(audit, extra_span_processors)
     tracer = tracer_provider.get_tracer("lockgate")
     limits = RoutingLimits(

@@ -224,6 +224,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("audit_flush_interval_s", 0.2,
             "Seconds between writes of buffered decision records, spans and budget settlements to the store; "
             "a call's reservation is held until its settlement is written.", _positive(float)),
+    Setting("otlp_endpoint", None,
+            "OTLP/HTTP collector (Jaeger, Tempo, Phoenix, Langfuse...) that also receives every span, e.g. "
+            "`http://127.0.0.1:4318`; batched in the background, never slowing a call.", _optional_str),
     Setting("audit_key_env", "LOCKGATE_AUDIT_KEY",
             "Environment variable holding the key that signs the audit chain's checkpoints (HMAC-SHA256); "
             "keep it outside the database. Without it, checkpoints are written unsigned.", str),

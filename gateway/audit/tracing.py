@@ -85,6 +85,17 @@ class OwnRandomIdGenerator(IdGenerator):
         return trace_id
 
 
+def otlp_processor(endpoint: str, timeout_s: float = 5.0) -> SpanProcessor:
+    """Spans exported to an OTLP/HTTP (protobuf) collector at ``endpoint`` (``.../v1/traces`` is
+    added to a base URL), batched on the SDK's own thread: a slow or unreachable collector never
+    slows or fails a call; the audit store gets every span regardless."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    url = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
+    return BatchSpanProcessor(OTLPSpanExporter(endpoint=url, timeout=timeout_s))
+
+
 def build_tracer_provider(writer: AuditWriter, extra_processors: Sequence[SpanProcessor] = ()) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": "lockgate"}), sampler=ALWAYS_ON,
                               id_generator=OwnRandomIdGenerator())

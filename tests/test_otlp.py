@@ -1,0 +1,81 @@
+"""Spans reach any OTLP/HTTP collector (setting otlp_endpoint) as well as the audit store; a
+collector that does not answer slows and fails no call. The collector here is a loopback HTTP
+server that decodes OTLP's protobuf request with the opentelemetry-proto package."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tests.conftest import start_gateway, stop_gateway
+
+
+class _Collector(BaseHTTPRequestHandler):
+    spans: list[tuple[str, dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource in request.resource_spans:
+            for scope in resource.scope_spans:
+                for span in scope.spans:
+                    attributes = {a.key: a.value.string_value or a.value.int_value for a in span.attributes}
+                    _Collector.spans.append((span.name, attributes))
+        self.send_response(200 if self.path == "/v1/traces" else 404)
+        self.send_header("content-type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_spans_reach_an_otlp_collector(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # the SDK's batch interval, in ms
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    _Collector.spans.clear()
+    gateway = start_gateway(store_url, tmp_path, otlp_endpoint=f"http://127.0.0.1:{collector.server_port}")
+    try:
+        sdk = openai.OpenAI(base_url=gateway.v1, api_key=gateway.create_key(team="research"), max_retries=0)
+        raw = sdk.chat.completions.with_raw_response.create(model="fast", messages=[{"role": "user", "content": "hi"}])
+        decision_id = raw.headers["lockgate-decision-id"]
+        deadline = time.monotonic() + 10
+        while not any(a.get("lockgate.decision_id") == decision_id for _, a in _Collector.spans):
+            assert time.monotonic() < deadline, _Collector.spans
+            time.sleep(0.05)
+    finally:
+        stop_gateway(gateway)
+        collector.shutdown()
+    names = {name for name, _ in _Collector.spans}
+    assert {"chat fast", "chat mock-fast", "policy.decide"} <= names
+    [(_, root)] = [(n, a) for n, a in _Collector.spans if a.get("lockgate.decision_id") == decision_id]
+    assert root["gen_ai.operation.name"] == "chat" and root["lockgate.endpoint"] == "chat.completions"
+
+
+def test_a_collector_that_does_not_answer_fails_no_call(store_url: str, tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(100)
+        gateway = start_gateway(store_url, tmp_path, otlp_endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        try:
+            # The exporter waits 5 s for the silent collector; a call that waited with it would hit
+            # the client's own timeout.
+            sdk = openai.OpenAI(base_url=gateway.v1, api_key=gateway.create_key(team="research"), max_retries=0,
+                                timeout=4)
+            for i in range(20):
+                sdk.chat.completions.create(model="fast", messages=[{"role": "user", "content": f"call {i}"}])
+            deadline = time.monotonic() + 10
+            while len(gateway.decisions()) < 20 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(gateway.decisions()) == 20  # the audit store got every call all the same
+        finally:
+            stop_gateway(gateway)
