@@ -61,6 +61,8 @@ class AnthropicProvider:
         beta = call.headers.get("anthropic-beta")
         if beta and call.endpoint != "chat.completions":  # a client of the Messages API opted into a beta
             headers["anthropic-beta"] = beta
+        if call.traceparent:
+            headers["traceparent"] = call.traceparent
         return self._client.request(self._url(call), orjson.dumps(body), headers, stream=call.stream,
                                     timeout_s=call.deployment.timeout_s or call.model.timeout_s)
 

@@ -60,6 +60,8 @@ class OpenAIProvider:
                 body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             headers["content-type"] = "application/json"
             content = orjson.dumps(body)
+        if call.traceparent:
+            headers["traceparent"] = call.traceparent  # the provider's own tracing joins the call's trace
         return self._client.request(self._url(call), content, headers, stream=call.stream, method=method,
                                     timeout_s=call.deployment.timeout_s or call.model.timeout_s)
 

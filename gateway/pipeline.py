@@ -23,6 +23,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -71,6 +72,7 @@ from gateway.types import (
 )
 
 log = logging.getLogger("lockgate.pipeline")
+TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 MAX_MICRO_USD = 2**63 - 1  # what the ledger's BIGINT columns hold
 # Errors that refuse a call (recorded as "denied"), as opposed to failures.
@@ -182,7 +184,10 @@ class Pipeline:
         # whoever seeds the global one (a test framework, a library) must not make ids repeat,
         # since a record whose id is taken is refused by the store.
         decision_id = f"dec_{self._decision_ids.getrandbits(64):016x}"
-        root = self.tracer.start_span(spec.operation, kind=SpanKind.SERVER, attributes={
+        # A caller's W3C traceparent makes this call a span of the caller's trace.
+        caller = request.headers.get("traceparent")
+        parent = TRACE_CONTEXT.extract({"traceparent": caller}) if caller else None
+        root = self.tracer.start_span(spec.operation, context=parent, kind=SpanKind.SERVER, attributes={
             "gen_ai.operation.name": spec.operation, "lockgate.decision_id": decision_id,
             "lockgate.endpoint": spec.name})
         call = Call(spec=spec, decision_id=decision_id, started=time.perf_counter(), now=utcnow(), root=root)

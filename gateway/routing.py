@@ -198,9 +198,11 @@ class Router:
         return self._secret(deployment.api_key_env)
 
     def _call(self, endpoint: str, model: CatalogModel, deployment: Deployment, body: Mapping[str, Any],
-              stream: bool, headers: Mapping[str, str]) -> UpstreamCall:
+              stream: bool, headers: Mapping[str, str], span: Span) -> UpstreamCall:
+        context = span.get_span_context()
         return UpstreamCall(endpoint=endpoint, model=model, deployment=deployment, body=body,
-                            api_key=self.provider_key(deployment), stream=stream, headers=headers)
+                            api_key=self.provider_key(deployment), stream=stream, headers=headers,
+                            traceparent=f"00-{context.trace_id:032x}-{context.span_id:016x}-01")
 
     def _start_span(self, endpoint: str, model: CatalogModel, deployment: Deployment, parent: Span) -> Span:
         operation = _OPERATIONS.get(endpoint, "chat")
@@ -240,7 +242,7 @@ class Router:
             model, deployment = target
             span = self._start_span(endpoint, model, deployment, parent)
             try:
-                upstream_call = self._call(endpoint, model, deployment, body, False, headers)
+                upstream_call = self._call(endpoint, model, deployment, body, False, headers, span)
                 reply = await attempts.first_byte(self._providers[deployment.provider].complete(upstream_call))
                 completion = read(reply.body)
             except UpstreamError as exc:
@@ -264,7 +266,7 @@ class Router:
         while (target := await attempts.next()) is not None:
             model, deployment = target
             span = self._start_span(endpoint, model, deployment, parent)
-            upstream_call = self._call(endpoint, model, deployment, body, True, headers)
+            upstream_call = self._call(endpoint, model, deployment, body, True, headers, span)
             events = self._providers[deployment.provider].stream(upstream_call)
             try:
                 try:

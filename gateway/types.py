@@ -178,6 +178,7 @@ class UpstreamCall:
     api_key: str
     stream: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)  # client headers the endpoint passes on
+    traceparent: str = ""  # W3C trace context of this attempt's span: the provider's request carries it
 
 
 @dataclass(slots=True)

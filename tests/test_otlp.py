@@ -79,3 +79,33 @@ def test_a_collector_that_does_not_answer_fails_no_call(store_url: str, tmp_path
             assert len(gateway.decisions()) == 20  # the audit store got every call all the same
         finally:
             stop_gateway(gateway)
+
+
+def test_a_callers_traceparent_is_continued_and_the_provider_call_carries_one(
+        store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from tests.fakes.openai_upstream import FakeOpenAI, reply
+
+    monkeypatch.setenv("FAKE_OPENAI_KEY", "sk-fake-trace-0123456789")
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with FakeOpenAI.running() as upstream:
+        upstream.script(reply("traced"))
+        models = [{"name": "mock-fast", "provider": "openai", "base_url": upstream.url, "upstream_model": "gpt-fake",
+                   "api_key_env": "FAKE_OPENAI_KEY", "input_usd_per_mtok": 1, "output_usd_per_mtok": 1}]
+        gateway = start_gateway(store_url, tmp_path, models=json.dumps(models))
+        try:
+            sdk = openai.OpenAI(base_url=gateway.v1, api_key=gateway.create_key(team="research"), max_retries=0)
+            raw = sdk.chat.completions.with_raw_response.create(
+                model="fast", messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"})
+            assert raw.headers["lockgate-trace-id"] == caller_trace
+            _, spans = gateway.trace(caller_trace, spans=3)
+        finally:
+            stop_gateway(gateway)
+        [sent] = upstream.requests
+    version, trace_id, span_id, flags = sent.headers["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", caller_trace, "01")
+    [attempt] = [s for s in spans if s["kind"] == "CLIENT"]
+    [root] = [s for s in spans if s["kind"] == "SERVER"]
+    assert span_id == attempt["span_id"] and root["parent_span_id"] == caller_span
