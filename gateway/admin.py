@@ -13,6 +13,7 @@ traced and recorded by the pipeline like a model call; errors are in OpenAI's sh
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -20,8 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.approvals import DECIDER_ROLES, public
+from gateway.audit.reader import list_decisions, read_trace
 from gateway.endpoints import EndpointSpec
-from gateway.errors import ApprovalNotFound, DecisionRefused, InvalidRequest
+from gateway.errors import ApprovalNotFound, DecisionRefused, InvalidRequest, TraceNotFound
 from gateway.pipeline import Call, GovernedEndpoint, Pipeline
 from gateway.types import Principal
 
@@ -56,6 +58,18 @@ class ShowBudgets(ApprovalSpec):
     name = "budgets.list"
     operation = "list_budgets"
     path = "/admin/budgets"
+
+
+class ListTraces(ApprovalSpec):
+    name = "traces.list"
+    operation = "list_traces"
+    path = "/admin/traces"
+
+
+class ShowTrace(ApprovalSpec):
+    name = "traces.retrieve"
+    operation = "retrieve_trace"
+    path = "/admin/traces/{trace_id}"
 
 
 class ApprovalStatus(ApprovalSpec):
@@ -127,6 +141,65 @@ async def show_budgets(request: Request, call: Call) -> Response:
     return JSONResponse({"object": "list", "data": rows}, headers=call.headers())
 
 
+def _reviewer(call: Call) -> Principal:
+    principal = call.principal
+    assert principal is not None
+    if not BUDGET_VIEWERS.intersection(principal.roles):
+        raise DecisionRefused("Reading the audit needs a key with the reviewer or admin role.",
+                              code="reviewer_role_required")
+    return principal
+
+
+def _when(request: Request, name: str) -> datetime | None:
+    value = request.query_params.get(name)
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be an ISO 8601 date or time.", param=name) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _record(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: (_iso(value) if isinstance(value, datetime) else value) for name, value in row.items()}
+
+
+def _iso(value: datetime) -> str:
+    moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+async def list_traces(request: Request, call: Call) -> Response:
+    """Decision records of the caller's org, newest first, filtered like ``lockgate traces list``;
+    ``before`` (the ``next_before`` of a page) pages back."""
+    principal = _reviewer(call)
+    query = request.query_params
+    limit = query.get("limit", "50")
+    if not limit.isdigit() or not 1 <= int(limit) <= 500:
+        raise InvalidRequest("'limit' must be a whole number from 1 to 500.", param="limit")
+    filters = {name: query.get(name) for name in ("user", "team", "model", "outcome", "revision", "approval")}
+    until = _when(request, "before") or _when(request, "until")
+    rows = await list_decisions(request.state.runtime.engine, limit=int(limit) + 1, org=principal.org,
+                                since=_when(request, "since"), until=until, **filters)
+    page, more = rows[:int(limit)], len(rows) > int(limit)
+    return JSONResponse({"object": "list", "data": [_record(r) for r in page], "has_more": more,
+                         "next_before": _iso(page[-1]["created_at"]) if more and page else None},
+                        headers=call.headers())
+
+
+async def show_trace(request: Request, call: Call) -> Response:
+    """One trace: its decision records (the caller's org's only) and spans; 404 for any other."""
+    principal = _reviewer(call)
+    trace_id = request.path_params["trace_id"]
+    decisions, spans = await read_trace(request.state.runtime.engine, trace_id[:64])
+    mine = [d for d in decisions if d.get("org") == principal.org]
+    if not mine:
+        raise TraceNotFound(f"No trace with id '{trace_id[:64]}' was found.")
+    return JSONResponse({"trace_id": trace_id, "decisions": [_record(d) for d in mine],
+                         "spans": [_record(s) for s in spans]}, headers=call.headers())
+
+
 def _note(raw: bytes) -> str | None:
     """The decision's optional ``{"reason": "..."}``."""
     if not raw.strip():
@@ -151,4 +224,6 @@ ROUTES = (
     (DecideApproval.path, GovernedEndpoint(DecideApproval(), decide_approval), ["POST"]),
     (ApprovalStatus.path, GovernedEndpoint(ApprovalStatus(), approval_status), ["GET"]),
     (ShowBudgets.path, GovernedEndpoint(ShowBudgets(), show_budgets), ["GET"]),
+    (ListTraces.path, GovernedEndpoint(ListTraces(), list_traces), ["GET"]),
+    (ShowTrace.path, GovernedEndpoint(ShowTrace(), show_trace), ["GET"]),
 )

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -154,15 +155,32 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
     return _with_store(args, action)
 
 
+def _utc(value: str | None) -> datetime | None:
+    """A --since/--until value: ISO 8601, UTC unless it names its zone."""
+    if value is None:
+        return None
+    from datetime import UTC
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise SystemExit(f"lockgate: {value!r} is not a date or time such as 2026-11-01 or 2026-11-01T12:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def cmd_traces_list(args: argparse.Namespace) -> int:
     from gateway.audit.reader import list_decisions
 
     async def action(engine: AsyncEngine) -> int:
-        rows = await list_decisions(engine, limit=args.limit, team=args.team, outcome=args.outcome)
+        rows = await list_decisions(engine, limit=args.limit, since=_utc(args.since), until=_utc(args.until),
+                                    user=args.user, team=args.team, model=args.model, outcome=args.outcome,
+                                    revision=args.revision, approval=args.approval)
         if args.json:
             print(json.dumps(rows, default=str, indent=2))
             return 0
-        _table(["TRACE", "TIME", "ENDPOINT", "OUTCOME", "STATUS", "USER", "TEAM", "MODEL", "TOKENS", "COST $", "MS"], [
+        header = ["TRACE", "TIME (UTC)", "ENDPOINT", "OUTCOME", "STATUS", "USER", "TEAM", "MODEL", "TOKENS", "COST $",
+                  "MS"]
+        _table(header, [
             [r["trace_id"], _when(r["created_at"]), r["endpoint"], r["outcome"], str(r["status_code"]),
              r["user"] or "-", r["team"] or "-", _model(r), f"{r['input_tokens']}/{r['output_tokens']}",
              f"{r['cost_micro_usd'] / 1e6:.6f}", f"{r['duration_ms']:.1f}"] for r in rows])
@@ -385,8 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     traces = commands.add_parser("traces", help="read the audit").add_subparsers(dest="traces", required=True)
     tlist = traces.add_parser("list", help="the latest calls, newest first")
     tlist.add_argument("--limit", type=int, default=20)
+    tlist.add_argument("--since", help="from this date or time (UTC unless it says otherwise)")
+    tlist.add_argument("--until", help="before this date or time (UTC unless it says otherwise)")
+    tlist.add_argument("--user")
     tlist.add_argument("--team")
-    tlist.add_argument("--outcome", choices=["allowed", "denied", "failed"])
+    tlist.add_argument("--model", help="requested or routed model")
+    tlist.add_argument("--outcome", choices=["allowed", "denied", "held", "failed"])
+    tlist.add_argument("--revision", help="policy revision (sha256:...)")
+    tlist.add_argument("--approval", help="approval id (apr_...)")
     tlist.add_argument("--json", action="store_true")
     tlist.set_defaults(func=cmd_traces_list)
     show = traces.add_parser("show", help="one call: its decision record and span tree")
@@ -440,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``lockgate traces list | head``): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

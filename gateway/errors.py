@@ -15,6 +15,7 @@
     │   ├── ApprovalRejected              / approval_denied, approval_expired, approval_mismatch
     │   └── DecisionRefused               / approval_forbidden, self_approval (a decider may not decide)
     ├── ApprovalNotFound              404 invalid_request_error / approval_not_found
+    ├── TraceNotFound                 404 invalid_request_error / trace_not_found (or another org's)
     ├── ApprovalPending               408 permission_error / approval_pending (retry: attaches to the approval)
     ├── ApprovalConflict              409 invalid_request_error / approval_conflict (decided, running or used)
     ├── TooManyApprovals              429 rate_limit_exceeded / too_many_pending_approvals
@@ -154,6 +155,14 @@ class DecisionRefused(PermissionDenied):
     def __init__(self, message: str | None = None, *, code: str = "approval_forbidden") -> None:
         super().__init__(message)
         self.code = code  # type: ignore[misc]
+
+
+class TraceNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "trace_not_found"
+    retryable = False
+    default_message = "No trace with this id was found."
 
 
 class ApprovalNotFound(GatewayError):

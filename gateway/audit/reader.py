@@ -1,10 +1,11 @@
-"""Reading the audit back: the queries behind ``lockgate traces list`` and ``traces show``."""
+"""Reading the audit back: the queries behind ``lockgate traces list|show`` and ``/admin/traces``."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.store import DecisionRecord, SpanRecord
@@ -13,13 +14,32 @@ _decisions = DecisionRecord.__table__  # type: ignore[attr-defined]
 _spans = SpanRecord.__table__  # type: ignore[attr-defined]
 
 
-async def list_decisions(engine: AsyncEngine, *, limit: int = 20, team: str | None = None,
-                         outcome: str | None = None) -> list[dict[str, Any]]:
-    query = select(_decisions).order_by(_decisions.c.created_at.desc()).limit(limit)
-    if team:
-        query = query.where(_decisions.c.team == team)
-    if outcome:
-        query = query.where(_decisions.c.outcome == outcome)
+FILTERS = ("org", "user", "team", "model", "outcome", "revision", "approval")
+
+
+async def list_decisions(engine: AsyncEngine, *, limit: int = 20, since: datetime | None = None,
+                         until: datetime | None = None, **filters: str | None) -> list[dict[str, Any]]:
+    """Decision records, newest first, made in [since, until) (UTC), matching every filter given:
+    ``org``, ``user``, ``team``, ``model`` (requested or routed), ``outcome``, ``revision`` (the
+    policy revision) and ``approval`` (the approval id)."""
+    unknown = set(filters) - set(FILTERS)
+    if unknown:
+        raise TypeError(f"unknown filters {sorted(unknown)}")
+    c = _decisions.c
+    query = select(_decisions).order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+    columns = {"org": c.org, "user": c.user, "team": c.team, "outcome": c.outcome,
+               "revision": c.policy_revision, "approval": c.approval_id}
+    for name, value in filters.items():
+        if value is None or value == "":
+            continue
+        if name == "model":
+            query = query.where(or_(c.requested_model == value, c.routed_model == value))
+        else:
+            query = query.where(columns[name] == value)
+    if since is not None:
+        query = query.where(c.created_at >= since)
+    if until is not None:
+        query = query.where(c.created_at < until)
     async with engine.connect() as connection:
         return [dict(row._mapping) for row in (await connection.execute(query)).all()]
 
