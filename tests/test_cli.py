@@ -45,6 +45,6 @@ def test_traces_show_the_endpoint_of_each_call(tmp_path: Path, capsys: pytest.Ca
     assert main(["traces", "show", embedded.headers["lockgate-trace-id"]]) == 0
     shown = capsys.readouterr().out.splitlines()
 
-    assert listed[0].split()[:4] == ["TRACE", "TIME", "ENDPOINT", "OUTCOME"]
+    assert listed[0].split()[:5] == ["TRACE", "TIME", "(UTC)", "ENDPOINT", "OUTCOME"]
     assert [line.split()[3] for line in listed[1:]] == ["models.list", "embeddings"]  # newest first
     assert shown[0].split()[:3] == ["decision", embedded.headers["lockgate-decision-id"], "embeddings"]
