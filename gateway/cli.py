@@ -189,6 +189,39 @@ def cmd_traces_list(args: argparse.Namespace) -> int:
     return _with_store(args, action)
 
 
+def cmd_traces_export(args: argparse.Namespace) -> int:
+    """Every record matching the filters, oldest first, as JSON lines or CSV on stdout."""
+    import csv
+
+    from gateway.audit.reader import list_decisions
+    from gateway.store import DECISION_COLUMNS
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return value.isoformat().replace("+00:00", "Z")
+        if isinstance(value, (dict, list)) and args.format == "csv":
+            return json.dumps(value, default=str, sort_keys=True)
+        return value
+
+    async def action(engine: AsyncEngine) -> int:
+        rows = await list_decisions(engine, limit=args.limit, since=_utc(args.since), until=_utc(args.until),
+                                    user=args.user, team=args.team, model=args.model, outcome=args.outcome,
+                                    revision=args.revision, approval=args.approval)
+        rows.reverse()  # oldest first, as an export is read
+        if args.format == "jsonl":
+            for row in rows:
+                print(json.dumps({name: plain(value) for name, value in row.items()}, default=str))
+        else:
+            writer = csv.writer(sys.stdout)
+            writer.writerow(DECISION_COLUMNS)
+            for row in rows:
+                writer.writerow([plain(row.get(name)) for name in DECISION_COLUMNS])
+        print(f"lockgate: exported {len(rows)} records", file=sys.stderr)
+        return 0
+
+    return _with_store(args, action)
+
+
 def cmd_traces_show(args: argparse.Namespace) -> int:
     from gateway.audit.reader import read_trace, span_tree
 
@@ -371,6 +404,17 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
 
 
+def _trace_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--since", help="from this date or time (UTC unless it says otherwise)")
+    parser.add_argument("--until", help="before this date or time (UTC unless it says otherwise)")
+    parser.add_argument("--user")
+    parser.add_argument("--team")
+    parser.add_argument("--model", help="requested or routed model")
+    parser.add_argument("--outcome", choices=["allowed", "denied", "held", "failed"])
+    parser.add_argument("--revision", help="policy revision (sha256:...)")
+    parser.add_argument("--approval", help="approval id (apr_...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockgate", description="Lockgate, the governance-first LLM gateway.")
     parser.add_argument("--config", help="YAML settings file (default: $LOCKGATE_CONFIG, else built-in defaults)")
@@ -403,16 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     traces = commands.add_parser("traces", help="read the audit").add_subparsers(dest="traces", required=True)
     tlist = traces.add_parser("list", help="the latest calls, newest first")
     tlist.add_argument("--limit", type=int, default=20)
-    tlist.add_argument("--since", help="from this date or time (UTC unless it says otherwise)")
-    tlist.add_argument("--until", help="before this date or time (UTC unless it says otherwise)")
-    tlist.add_argument("--user")
-    tlist.add_argument("--team")
-    tlist.add_argument("--model", help="requested or routed model")
-    tlist.add_argument("--outcome", choices=["allowed", "denied", "held", "failed"])
-    tlist.add_argument("--revision", help="policy revision (sha256:...)")
-    tlist.add_argument("--approval", help="approval id (apr_...)")
+    _trace_filters(tlist)
     tlist.add_argument("--json", action="store_true")
     tlist.set_defaults(func=cmd_traces_list)
+    export = traces.add_parser("export", help="records matching the filters, oldest first, to stdout")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    export.add_argument("--limit", type=int, default=1_000_000)
+    _trace_filters(export)
+    export.set_defaults(func=cmd_traces_export)
     show = traces.add_parser("show", help="one call: its decision record and span tree")
     show.add_argument("trace_id")
     show.add_argument("--json", action="store_true")

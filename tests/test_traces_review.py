@@ -76,3 +76,21 @@ def test_traces_list_filters_and_pipes_into_head(reviewed: tuple[Gateway, str, s
             "from gateway.cli import main; sys.exit(main(['traces', 'list']))")
     piped = subprocess.run([sys.executable, "-c", gone], capture_output=True, text=True, env=gateway.env, timeout=60)
     assert (piped.returncode, piped.stderr) == (0, "")
+
+
+def test_traces_export_writes_jsonl_and_csv_with_the_same_filters(reviewed: tuple[Gateway, str, str]) -> None:
+    import csv
+    import io
+    import json
+
+    gateway, _, _ = reviewed
+    lines = gateway.cli("traces", "export", "--user", "ana").stdout.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["user"] for r in records if r["endpoint"] == "chat.completions"] == ["ana"] * 4
+    assert records == sorted(records, key=lambda r: r["created_at"])  # oldest first
+    assert all(r["created_at"].endswith("Z") and r["record_hash"] for r in records)
+
+    exported = gateway.cli("traces", "export", "--format", "csv", "--outcome", "denied")
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert [(r["user"], r["outcome"]) for r in rows] == [("ana", "denied")]
+    assert json.loads(rows[0]["reasons"]) and "exported 1 records" in exported.stderr
