@@ -23,11 +23,12 @@ from starlette.responses import JSONResponse, Response
 from gateway.approvals import DECIDER_ROLES, public
 from gateway.audit.reader import list_decisions, read_trace
 from gateway.endpoints import EndpointSpec
-from gateway.errors import ApprovalNotFound, DecisionRefused, InvalidRequest, TraceNotFound
+from gateway.errors import ApprovalNotFound, DecisionRefused, InvalidRequest, RequestTooLarge, TraceNotFound
 from gateway.pipeline import Call, GovernedEndpoint, Pipeline
 from gateway.types import Principal
 
 MAX_NOTE_CHARS = 2000
+MAX_BODY_BYTES = 16 * 1024
 BUDGET_VIEWERS = frozenset({"admin", "reviewer"})
 STATES = ("pending", "approved", "denied", "expired", "executing", "executed", "failed")
 
@@ -114,7 +115,7 @@ async def decide_approval(request: Request, call: Call) -> Response:
     if verdict not in ("approve", "deny"):
         raise ApprovalNotFound(f"No such endpoint: POST /admin/approvals/{{id}}/{verdict[:32]}.")
     principal = _decider(call)
-    note = _note(await request.body())
+    note = _note(await _small_body(request))
     approval = await _pipeline(request).approvals.decide(request.path_params["approval_id"], principal,
                                                          verdict == "approve", note)
     call.root.set_attribute("lockgate.approval.id", approval.id)
@@ -198,6 +199,17 @@ async def show_trace(request: Request, call: Call) -> Response:
         raise TraceNotFound(f"No trace with id '{trace_id[:64]}' was found.")
     return JSONResponse({"trace_id": trace_id, "decisions": [_record(d) for d in mine],
                          "spans": [_record(s) for s in spans]}, headers=call.headers())
+
+
+async def _small_body(request: Request) -> bytes:
+    """A decision's body, read up to MAX_BODY_BYTES: a larger one is refused, never buffered."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestTooLarge(f"The body of a decision is at most {MAX_BODY_BYTES} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _note(raw: bytes) -> str | None:

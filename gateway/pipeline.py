@@ -82,6 +82,15 @@ RUN_HEADER = "lockgate-run-id"
 MAX_RUN_ID_CHARS = 128
 
 
+def _unexpected(exc: Exception, call: Call) -> GatewayError:
+    """A failure of our own: logged with its traceback for operators, a plain 500 for the caller
+    (the exception's text may hold anything, so it never reaches the answer or the record)."""
+    log.exception("unexpected error in decision %s", call.decision_id)
+    error = GatewayError()
+    error.__cause__ = exc
+    return error
+
+
 def run_id(header: str | None, metadata: Mapping[str, Any]) -> str | None:
     """The run a call is a step of: the Lockgate-Run-Id header, else ``metadata.run_id``."""
     value = header if header is not None else metadata.get("run_id")
@@ -203,10 +212,7 @@ class Pipeline:
             self._end(call, status=ClientClosed.status, error=ClientClosed())
             raise
         except Exception as exc:
-            log.exception("unexpected error in decision %s", call.decision_id)
-            wrapped = GatewayError()
-            wrapped.__cause__ = exc
-            response = self._refuse(call, wrapped)
+            response = self._refuse(call, _unexpected(exc, call))
         return GovernedResponse(response, self, call)
 
     async def _run(self, request: Request, call: Call) -> Response | SSEResponse:
@@ -376,10 +382,7 @@ class Pipeline:
         except GatewayError as exc:
             yield self._stream_error(call, None, exc)
         except Exception as exc:
-            log.exception("held stream failed in decision %s", call.decision_id)
-            error = GatewayError()
-            error.__cause__ = exc
-            yield self._stream_error(call, None, error)
+            yield self._stream_error(call, None, _unexpected(exc, call))
         finally:
             if inner is not None:
                 await inner.aclose()  # type: ignore[attr-defined]
@@ -584,10 +587,7 @@ class Pipeline:
             self._end_stream(call, reader, ClientClosed.status, ClientClosed())
             raise
         except Exception as exc:
-            log.exception("stream failed in decision %s", call.decision_id)
-            error = GatewayError()
-            error.__cause__ = exc
-            yield self._stream_error(call, reader, error)
+            yield self._stream_error(call, reader, _unexpected(exc, call))
         finally:
             try:
                 await events.aclose()  # type: ignore[attr-defined]

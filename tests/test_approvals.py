@@ -581,3 +581,11 @@ def test_an_approved_call_not_run_within_the_use_window_expires(start: Start) ->
         run_approved(desk, approval_id)
     assert caught.value.body["code"] == "approval_expired"  # type: ignore[index]
     assert desk.approval(approval_id)["status"] == "expired"
+
+
+def test_an_oversized_decision_body_is_refused_and_decides_nothing(desk: Desk) -> None:
+    desk.pay(extra_headers={"Lockgate-Approval-Mode": "async"}).result(timeout=30)
+    [approval] = desk.pending()
+    answer = desk.api("POST", f"/admin/approvals/{approval['id']}/deny", content=b"{" + b" " * 40_000 + b"}")
+    assert (answer.status_code, answer.json()["error"]["code"]) == (413, "request_too_large")
+    assert desk.approval(approval["id"])["status"] == "pending"
