@@ -203,6 +203,20 @@ class SpanRecord(SQLModel, table=True):
     events: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
 
 
+def refuses_value(exc: BaseException) -> bool:
+    """The store (or the encoding of a row for it) refused a value, as opposed to being away,
+    busy or locked: writing the same row again can never succeed, a reduced one may."""
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+                        OverflowError, ValueError, TypeError, RecursionError)):
+        return not isinstance(exc, (ConnectionError, TimeoutError))
+    try:
+        import asyncpg
+    except ImportError:  # no PostgreSQL driver: nothing else can have refused it
+        return False
+    return isinstance(exc, (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.RaiseError,
+                            asyncpg.exceptions.ProgramLimitExceededError))
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

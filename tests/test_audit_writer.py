@@ -4,15 +4,18 @@ and neither an absent store nor one bad row loses the others."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.audit.journal import Journal
 from gateway.audit.writer import CALLS_PER_TRANSACTION, AuditWriter
 from gateway.budgets import BudgetLedgerStore, Reservation
 from gateway.store import (
@@ -89,7 +92,7 @@ async def test_while_the_store_is_away_nothing_is_written_and_everything_is_kept
         await engine.dispose()
 
 
-async def test_a_row_the_store_refuses_is_dropped_alone(engine: AsyncEngine, direct: DirectStatements,
+async def test_a_record_already_in_the_store_is_written_once(engine: AsyncEngine, direct: DirectStatements,
                                                         ledger: BudgetLedgerStore) -> None:
     writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000)
     first = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
@@ -101,9 +104,9 @@ async def test_a_row_the_store_refuses_is_dropped_alone(engine: AsyncEngine, dir
     writer.add_settlement(first, 120)
     writer.add_decision(decision_row("dec_2", 80))
     writer.add_settlement(second, 80)
-    await writer.flush()  # no error: the store answers, so the batch is written row by row
+    await writer.flush()
 
-    assert await state(engine) == (["dec_1", "dec_2"], (200, 0))  # the conflicting copy alone is gone
+    assert await state(engine) == (["dec_1", "dec_2"], (200, 0))  # the second copy of dec_1 is skipped
     assert writer.pending == 0
 
 
@@ -157,11 +160,14 @@ async def test_a_long_flush_is_written_in_transactions_of_whole_calls(
     await writer.flush()
 
     ids, (spent, reserved) = await state(engine)
-    assert len(ids) == calls - 1 and (spent, reserved) == (10 * calls, 0)  # every settlement exactly once
+    assert len(ids) == calls and (spent, reserved) == (10 * calls, 0)  # every settlement exactly once
     refused = [r.getMessage() for r in caplog.records if "refused a batch" in r.getMessage()]
     # Only the second transaction was refused and written row by row: 64 settlements, 64 records.
-    assert refused == [f"the store refused a batch of {2 * CALLS_PER_TRANSACTION} audit rows; "
-                       "writing them one at a time"]
+    assert len(refused) == 1
+    assert refused[0].startswith(f"the store refused a batch of {2 * CALLS_PER_TRANSACTION} audit rows (")
+    bad_record = (await stored_records(engine))[f"dec_{bad:03d}"]  # written reduced, not dropped
+    assert bad_record["outcome"] == "unknown" and bad_record["cost_micro_usd"] == 10
+    assert bad_record["reasons"][-1].startswith("audit record reduced, the store refused it as given")
     assert writer.pending == 0
 
 
@@ -198,3 +204,66 @@ async def test_a_batch_committed_but_not_acknowledged_is_retried_without_chargin
 
 async def _answers_after_the_break() -> bool:
     return False  # while the connection is broken, the store does not answer: keep the rows
+
+
+async def stored_records(engine: AsyncEngine) -> dict[str, Any]:
+    async with engine.connect() as connection:
+        rows = (await connection.execute(select(_decisions))).mappings().all()
+    return {r["id"]: dict(r) for r in rows}
+
+
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": "x"}
+    for _ in range(depth):
+        value = {"deeper": value}
+    return value
+
+
+async def test_a_record_the_store_cannot_hold_as_given_is_written_reduced_never_dropped(
+        engine: AsyncEngine, direct: DirectStatements, ledger: BudgetLedgerStore) -> None:
+    # No journal: the store's own refusal (or the encoding for it) is what the writer sees.
+    writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000)
+    reservation = await ledger.reserve([Budget("team:a", "month", 10_000)], 900, NOW)
+    writer.add_decision({**decision_row("dec_big", 0), "cost_micro_usd": 2**70})  # past BIGINT
+    writer.add_decision({**decision_row("dec_deep", 0), "policy_input": nested(300)})  # JSON cannot encode it
+    writer.add_settlement(reservation, 120)
+    writer.add_decision(decision_row("dec_ok", 120))
+
+    await writer.flush()
+
+    records = await stored_records(engine)
+    assert set(records) == {"dec_big", "dec_deep", "dec_ok"}
+    assert records["dec_ok"]["reasons"] == [] and records["dec_ok"]["cost_micro_usd"] == 120
+    big = records["dec_big"]
+    assert big["cost_micro_usd"] == 0 and big["outcome"] == "allowed"
+    assert "cost_micro_usd (was 1180591620717411303424)" in big["reasons"][-1]
+    deep = records["dec_deep"]
+    assert deep["policy_input"] == {"lockgate.reduced": "it could not be encoded as JSON (too deeply nested, or "
+                                                        "values JSON cannot hold)"}
+    assert deep["reasons"][-1].startswith("audit record reduced, the store refused it as given")
+    assert "policy_input (could not be encoded as JSON)" in deep["reasons"][-1]
+    assert (await state(engine))[1] == (120, 0)  # the settlement went with its record
+
+
+async def test_an_oversized_or_unencodable_record_is_reduced_when_journaled(
+        engine: AsyncEngine, direct: DirectStatements, tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
+    writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000, journal=journal)
+    huge = {"metadata": {"note": "y" * 300_000}}
+    writer.add_decision({**decision_row("dec_huge", 0), "policy_input": huge})
+    writer.add_decision({**decision_row("dec_deep", 0), "decision": nested(300)})
+    writer.durable()
+    journaled = [line for path in sorted(journal.folder.glob("*.jsonl")) for line in path.read_bytes().splitlines()]
+    assert len(journaled) == 2 and all(len(line) < 10_000 for line in journaled)
+
+    await writer.flush()
+    await writer.close()
+
+    records = await stored_records(engine)
+    encoded = orjson.dumps(huge)
+    digest, size = hashlib.sha256(encoded).hexdigest(), len(encoded)
+    assert records["dec_huge"]["policy_input"] == {"lockgate.reduced": f"{size} bytes (more than 65536)",
+                                                   "bytes": size, "sha256": digest}
+    assert f"policy_input ({size} bytes (more than 65536), sha256 {digest})" in records["dec_huge"]["reasons"][-1]
+    assert records["dec_deep"]["decision"]["lockgate.reduced"].startswith("it could not be encoded")
+    assert "it could not be encoded as JSON" in records["dec_deep"]["reasons"][-1]

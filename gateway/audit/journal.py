@@ -49,8 +49,11 @@ class Journal:
 
     def append(self, kind: str, row: dict[str, Any]) -> None:
         """Buffer one row; it is in the file after the next ``write_out``."""
-        self._buffer.append(orjson.dumps([kind, row], default=str,
-                                         option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS))
+        self._buffer.append(encode(kind, row))
+
+    def append_line(self, line: bytes) -> None:
+        """Buffer one row ``encode`` made."""
+        self._buffer.append(line)
 
     def write_out(self) -> None:
         """Put every buffered row into the file (one write): from here they survive the process."""
@@ -85,6 +88,11 @@ class Journal:
         if clean:
             shutil.rmtree(self.folder, ignore_errors=True)
         os.close(self._lock)
+
+
+def encode(kind: str, row: dict[str, Any]) -> bytes:
+    """One journal line. Raises orjson.JSONEncodeError for a row JSON cannot hold (nested too deep)."""
+    return orjson.dumps([kind, row], default=str, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
 
 
 def orphaned(root: Path) -> Iterator[tuple[Path, int]]:

@@ -7,11 +7,11 @@ the store's writes. Rows are written every ``audit_flush_interval_s`` or as
 soon as ``audit_batch_size`` decision records are waiting, and always on shutdown, in
 transactions of up to ``CALLS_PER_TRANSACTION`` calls: a call's decision record and the
 settlement of its budget reservation land together or not at all, so the audit's cost and the
-ledger's spend always agree. While the store does not answer, a failed write keeps its rows
-and tries again on the next flush. When the store answers but refuses a transaction, one of its
-rows is bad (a value the store cannot hold): that transaction's rows are then written one at a
-time and only the ones the store refuses are dropped, with an error in the log, so one bad row
-never holds back every later record and settlement.
+ledger's spend always agree. While the store does not answer (or is busy, or locked), a failed
+write keeps its rows and tries again on the next flush. When the store refuses a value of a
+transaction (``refuses_value``), its rows are written one at a time, and a decision record or
+span the store refuses as given is written reduced (gateway/audit/reduce.py), so one bad row
+never holds back every later record and settlement, and no record is dropped.
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import DateTime
 
-from gateway.audit.journal import Journal, orphaned, read
+from gateway.audit.journal import Journal, encode, orphaned, read
+from gateway.audit.reduce import MAX_ROW_BYTES, reduce_decision, reduce_span, skeleton
 from gateway.budgets import Reservation, Used, settlement, settlement_statements
 from gateway.errors import StoreUnavailable
-from gateway.store import DecisionRecord, DirectStatements, SpanRecord, StoredResponse
+from gateway.store import DecisionRecord, DirectStatements, SpanRecord, StoredResponse, refuses_value
 
 log = logging.getLogger("lockgate.audit")
 
@@ -42,6 +44,7 @@ _TABLES = {"decision": DecisionRecord.__table__, "span": SpanRecord.__table__,  
 # connection runs both), and one call's rows cost ~30 us of SQLite's time on the bench machine:
 # 64 calls keep that wait near 2 ms. A flush writes as many transactions as it needs.
 CALLS_PER_TRANSACTION = 64
+REDUCERS = {"decision": reduce_decision, "span": reduce_span}
 REPLAY_EVERY_S = 30.0  # how often a running process looks for journals of processes that are gone
 CHECKPOINT_EVERY_S = 10.0  # at most this often, a flush signs where the hash chain ends
 
@@ -93,13 +96,10 @@ class AuditWriter:
                 # PostgreSQL text refuses NUL, and one row it refuses would hold back every
                 # later one (and the settlements written with them).
                 row[name] = value.replace("\x00", "\ufffd")
-        self._pending.append(("decision", row))
-        if self._journal is not None:
-            self._journal.append("decision", row)
+        self._queue("decision", row)
         self._decisions += 1
         if self._decisions >= self._batch_size:
             self._wake.set()
-
     def add_settlement(self, reservation: Reservation, used: Used | int) -> None:
         """Replace a reservation by what the call used, in the transaction that writes the call's
         record: the caller queues its decision record right after, with no await between."""
@@ -133,9 +133,21 @@ class AuditWriter:
         self._queue("span", row)
 
     def _queue(self, kind: str, row: dict[str, Any]) -> None:
-        self._pending.append((kind, row))
         if self._journal is not None:
-            self._journal.append(kind, row)
+            # Journaling encodes the row anyway: a row JSON cannot hold, or too large to keep
+            # whole, is reduced here (gateway/audit/reduce.py), so the store is given what it holds.
+            try:
+                line = encode(kind, row)
+                too_large = len(line) > MAX_ROW_BYTES
+            except orjson.JSONEncodeError:
+                line, too_large = b"", True
+            if too_large and kind in REDUCERS:
+                why = f"{len(line)} bytes as given (more than {MAX_ROW_BYTES})" if line \
+                    else "it could not be encoded as JSON"
+                row = REDUCERS[kind](row, why)
+                line = encode(kind, row)
+            self._journal.append_line(line)
+        self._pending.append((kind, row))
 
     def durable(self) -> None:
         """Make every row queued so far survive this process (the journal's write): called before a
@@ -208,19 +220,13 @@ class AuditWriter:
                         await self._write(items[written:end])
                         written = end
                         continue
-                    except Exception:
-                        if not await self._store_answers():
+                    except Exception as exc:
+                        if not refuses_value(exc) or not await self._store_answers():
                             raise
-                        log.exception("the store refused a batch of %d audit rows; writing them one at a time",
-                                      end - written)
+                        log.warning("the store refused a batch of %d audit rows (%s); writing them one at a time",
+                                    end - written, type(exc).__name__)
                     for kind, row in items[written:end]:
-                        try:
-                            await self._write([(kind, row)])
-                        except Exception:
-                            if not await self._store_answers():
-                                raise
-                            name = row.get("id") or row.get("span_id") or row.get("scope")
-                            log.exception("the store refuses audit %s row %s; it is dropped", kind, name)
+                        await self._write_one(kind, row)
                         written += 1
             finally:
                 if self._responses:
@@ -232,6 +238,35 @@ class AuditWriter:
                 if sealed is not None and written == len(items):
                     self._journal.drop(sealed)  # type: ignore[union-attr]  # every row sealed so far is in the store
                 self._decisions += sum(1 for kind, _ in items[written:] if kind == "decision")
+
+    async def _write_one(self, kind: str, row: dict[str, Any]) -> None:
+        """Write one row the store refused in a batch. A decision record or span it refuses as
+        given is written reduced, then as a skeleton (gateway/audit/reduce.py): never dropped.
+        Raises when the store goes away meanwhile (the row is kept for the next flush)."""
+        tries: list[dict[str, Any]] = [row]
+        try:
+            await self._write([(kind, row)])
+            return
+        except Exception as exc:
+            if not refuses_value(exc) or not await self._store_answers():
+                raise
+            why = f"the store refused it as given ({type(exc).__name__})"
+        if kind == "decision":
+            tries = [reduce_decision(row, why), skeleton(row, why)]
+        elif kind == "span":
+            tries = [reduce_span(row, why)]
+        else:
+            tries = []
+        for reduced in tries:
+            try:
+                await self._write([(kind, reduced)])
+                log.warning("audit %s row %s was written reduced: %s", kind, row.get("id") or row.get("span_id"), why)
+                return
+            except Exception as exc:
+                if not refuses_value(exc) or not await self._store_answers():
+                    raise
+        name = row.get("id") or row.get("span_id") or row.get("scope")
+        log.error("the store refuses audit %s row %s even reduced; it is dropped", kind, name)
 
     async def _write(self, items: list[Item]) -> None:
         """One transaction; the settlements last, so PostgreSQL holds their ledger rows' locks
