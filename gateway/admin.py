@@ -13,7 +13,6 @@ traced and recorded by the pipeline like a model call; errors are in OpenAI's sh
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -21,15 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.approvals import DECIDER_ROLES, public
-from gateway.audit.reader import list_decisions, read_trace
 from gateway.endpoints import EndpointSpec
-from gateway.errors import ApprovalNotFound, DecisionRefused, InvalidRequest, RequestTooLarge, TraceNotFound
+from gateway.errors import ApprovalNotFound, DecisionRefused, InvalidRequest, RequestTooLarge
 from gateway.pipeline import Call, GovernedEndpoint, Pipeline
+from gateway.review import REVIEWER_ROLES, may_review, org_trace, plain, trace_page
 from gateway.types import Principal
 
 MAX_NOTE_CHARS = 2000
 MAX_BODY_BYTES = 16 * 1024
-BUDGET_VIEWERS = frozenset({"admin", "reviewer"})
+BUDGET_VIEWERS = REVIEWER_ROLES
 STATES = ("pending", "approved", "denied", "expired", "executing", "executed", "failed")
 
 
@@ -115,7 +114,7 @@ async def decide_approval(request: Request, call: Call) -> Response:
     if verdict not in ("approve", "deny"):
         raise ApprovalNotFound(f"No such endpoint: POST /admin/approvals/{{id}}/{verdict[:32]}.")
     principal = _decider(call)
-    note = _note(await _small_body(request))
+    note = _note(await small_body(request))
     approval = await _pipeline(request).approvals.decide(request.path_params["approval_id"], principal,
                                                          verdict == "approve", note)
     call.root.set_attribute("lockgate.approval.id", approval.id)
@@ -145,69 +144,38 @@ async def show_budgets(request: Request, call: Call) -> Response:
 def _reviewer(call: Call) -> Principal:
     principal = call.principal
     assert principal is not None
-    if not BUDGET_VIEWERS.intersection(principal.roles):
+    if not may_review(principal):
         raise DecisionRefused("Reading the audit needs a key with the reviewer or admin role.",
                               code="reviewer_role_required")
     return principal
 
 
-def _when(request: Request, name: str) -> datetime | None:
-    value = request.query_params.get(name)
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an ISO 8601 date or time.", param=name) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _record(row: dict[str, Any]) -> dict[str, Any]:
-    return {name: (_iso(value) if isinstance(value, datetime) else value) for name, value in row.items()}
-
-
-def _iso(value: datetime) -> str:
-    moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 async def list_traces(request: Request, call: Call) -> Response:
     """Decision records of the caller's org, newest first, filtered like ``lockgate traces list``;
-    ``before`` (the ``next_before`` of a page) pages back."""
+    ``before`` (the ``next_before`` of a page) pages back (``gateway/review.py``)."""
     principal = _reviewer(call)
-    query = request.query_params
-    limit = query.get("limit", "50")
-    if not limit.isdigit() or not 1 <= int(limit) <= 500:
-        raise InvalidRequest("'limit' must be a whole number from 1 to 500.", param="limit")
-    filters = {name: query.get(name) for name in ("user", "team", "model", "outcome", "revision", "approval")}
-    until = _when(request, "before") or _when(request, "until")
-    rows = await list_decisions(request.state.runtime.engine, limit=int(limit) + 1, org=principal.org,
-                                since=_when(request, "since"), until=until, **filters)
-    page, more = rows[:int(limit)], len(rows) > int(limit)
-    return JSONResponse({"object": "list", "data": [_record(r) for r in page], "has_more": more,
-                         "next_before": _iso(page[-1]["created_at"]) if more and page else None},
-                        headers=call.headers())
+    page = await trace_page(request.state.runtime.engine, principal.org, request.query_params)
+    return JSONResponse({"object": "list", "data": [plain(r) for r in page.records], "has_more": page.has_more,
+                         "next_before": page.next_before}, headers=call.headers())
 
 
 async def show_trace(request: Request, call: Call) -> Response:
     """One trace: its decision records (the caller's org's only) and spans; 404 for any other."""
     principal = _reviewer(call)
     trace_id = request.path_params["trace_id"]
-    decisions, spans = await read_trace(request.state.runtime.engine, trace_id[:64])
-    mine = [d for d in decisions if d.get("org") == principal.org]
-    if not mine:
-        raise TraceNotFound(f"No trace with id '{trace_id[:64]}' was found.")
-    return JSONResponse({"trace_id": trace_id, "decisions": [_record(d) for d in mine],
-                         "spans": [_record(s) for s in spans]}, headers=call.headers())
+    decisions, spans = await org_trace(request.state.runtime.engine, principal.org, trace_id)
+    return JSONResponse({"trace_id": trace_id, "decisions": [plain(d) for d in decisions],
+                         "spans": [plain(s) for s in spans]}, headers=call.headers())
 
 
-async def _small_body(request: Request) -> bytes:
-    """A decision's body, read up to MAX_BODY_BYTES: a larger one is refused, never buffered."""
+async def small_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """A decision's body (the admin API's JSON, the console's form), read up to ``limit`` bytes: a
+    larger one is refused, never buffered."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise RequestTooLarge(f"The body of a decision is at most {MAX_BODY_BYTES} bytes.")
+        if size > limit:
+            raise RequestTooLarge(f"The body of a decision is at most {limit} bytes.")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -222,7 +190,12 @@ def _note(raw: bytes) -> str | None:
         raise InvalidRequest("The body must be a JSON object such as {\"reason\": \"...\"}.") from None
     if not isinstance(body, dict) or set(body) - {"reason"}:
         raise InvalidRequest("The body may hold only 'reason'.")
-    reason = body.get("reason")
+    return check_reason(body.get("reason"))
+
+
+def check_reason(reason: Any) -> str | None:
+    """A decider's optional reason (the API's ``reason``, the console's field): printable text of at
+    most MAX_NOTE_CHARS characters, shown to the caller on a denial."""
     if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_NOTE_CHARS
                                or not reason.isprintable()):
         raise InvalidRequest(f"'reason' must be printable text of at most {MAX_NOTE_CHARS} characters.",
