@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.admin import ROUTES as APPROVAL_ROUTES
+from gateway.console import Console
 from gateway.endpoints import EndpointSpec
 from gateway.endpoints.chat import ChatCompletions
 from gateway.endpoints.checks import MAX_MODEL_CHARS, RequestLimits
@@ -201,6 +202,7 @@ def create_app(settings: Settings, extra_span_processors: Sequence[SpanProcessor
             *(Route(path, app, methods=methods) for path, app, methods in APPROVAL_ROUTES),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            *Console().routes(),  # the web console at /ui (gateway/console/): pages, not the pipeline
         ],
         exception_handlers={HTTPException: _http_error, GatewayError: _gateway_error, Exception: _unexpected_error},
         lifespan=lifespan,

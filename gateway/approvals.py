@@ -275,10 +275,11 @@ class ApprovalQueue:
             raise ApprovalNotFound(f"No approval with id '{approval_id[:64]}' was found.")
         return approval
 
-    async def list(self, org: str | None, status: str | None = None, limit: int = 100) -> list[Approval]:
-        """Approvals, oldest first; of one org (None: every org, for the CLI's operator)."""
+    async def list(self, org: str | None, status: str | None = None, limit: int = 100,
+                   newest_first: bool = False) -> list[Approval]:
+        """Approvals, oldest first (or newest first); of one org (None: every org, for the CLI's operator)."""
         now = utcnow()
-        query = select(_approvals).order_by(_c.created_at).limit(limit)
+        query = select(_approvals).order_by(_c.created_at.desc() if newest_first else _c.created_at).limit(limit)
         if org is not None:
             query = query.where(_c.org == org)
         if status == "pending":

@@ -76,6 +76,21 @@ class KeyStore:
         self._cache[key_hash] = (principal, now + self._ttl)
         return principal
 
+    async def current(self, key_id: str) -> Principal | None:
+        """The principal of the key ``key_id`` as the store has it now, bypassing the cache (None:
+        unknown or revoked). The web console asks on every page, so a revoked key ends its sessions."""
+        try:
+            async with self._engine.connect() as connection:
+                row = (await connection.execute(
+                    select(ApiKey).where(ApiKey.id == key_id)  # type: ignore[arg-type]
+                )).first()
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable() from exc
+        if row is None or row.revoked_at is not None:
+            return None
+        return Principal(key_id=row.id, user=row.user, team=row.team, org=row.org,
+                         roles=tuple(row.roles or ()), labels=dict(row.labels or {}))
+
     async def create(self, *, user: str, team: str, org: str = "default",
                      roles: tuple[str, ...] = (), labels: dict[str, str] | None = None) -> IssuedKey:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
