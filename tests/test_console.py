@@ -398,3 +398,29 @@ def test_a_revoked_key_ends_its_console_session(desk: Desk) -> None:
         assert desk.gateway.cli("keys", "revoke", key_id).returncode == 0
         after = rose.get("/ui/traces")
         assert after.status_code == 303 and after.headers["location"].startswith("/ui/signin")
+
+
+def test_sessions_end_when_idle_too_long_or_too_old_and_cookies_are_signed() -> None:
+    from gateway.console.sessions import SESSION_IDLE_S, SESSION_MAX_S, SessionStore
+
+    now = [0.0]
+    store = SessionStore(clock=lambda: now[0])
+    session = store.create("k_1", "rita")
+    cookie = store.cookie_value(session)
+    assert store.find(cookie) is session and "k_1" not in cookie
+    assert store.find(session.id) is None and store.find(cookie[:-1] + "0") is None  # unsigned, or forged
+    assert SessionStore().find(cookie) is None  # another process's secret
+    now[0] += SESSION_IDLE_S - 1
+    assert store.find(cookie) is session  # used: the idle clock starts again
+    now[0] += SESSION_IDLE_S + 1
+    assert store.find(cookie) is None and len(store) == 0
+
+    session = store.create("k_1", "rita")
+    cookie = store.cookie_value(session)
+    while now[0] < session.created + SESSION_MAX_S:
+        assert store.find(cookie) is session
+        now[0] += SESSION_IDLE_S / 2
+    now[0] = session.created + SESSION_MAX_S + 1
+    assert store.find(cookie) is None
+    assert store.csrf_ok(session, session.csrf) and not store.csrf_ok(session, None)
+    assert not store.csrf_ok(session, session.csrf[:-1] + "é")

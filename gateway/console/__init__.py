@@ -360,6 +360,9 @@ class Console:
             return self._signin_form(request, 403, next_url=next_url, error=(
                 f"This key belongs to {principal.user} (team {principal.team}), who has none of the roles reviewer, "
                 "approver or admin. The console is only for those roles."))
+        earlier = self.sessions.find(request.cookies.get(SESSION_COOKIE))
+        if earlier is not None:  # a new sign-in replaces the browser's session, never extends it
+            self.sessions.end(earlier)
         session = self.sessions.create(principal.key_id, principal.user)
         log.info("console: %s (key %s, org %s) signed in", principal.user, principal.key_id, principal.org)
         response = RedirectResponse(next_url, status_code=303)

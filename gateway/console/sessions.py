@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SESSION_IDLE_S = 8 * 3600  # a session unused this long is over
@@ -45,8 +46,9 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, secret: bytes | None = None) -> None:
+    def __init__(self, secret: bytes | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._secret = secret or secrets.token_bytes(32)
+        self._clock = clock
         self._sessions: dict[str, Session] = {}
 
     # -- signing ---------------------------------------------------------------------------------
@@ -69,7 +71,7 @@ class SessionStore:
     # -- sessions --------------------------------------------------------------------------------
 
     def create(self, key_id: str, user: str) -> Session:
-        now = time.monotonic()
+        now = self._clock()
         self._prune(now)
         session = Session(id=secrets.token_urlsafe(32), key_id=key_id, user=user, csrf=secrets.token_urlsafe(32),
                           created=now, seen=now)
@@ -86,7 +88,7 @@ class SessionStore:
         session = self._sessions.get(session_id)
         if session is None:
             return None
-        now = time.monotonic()
+        now = self._clock()
         if now - session.seen > SESSION_IDLE_S or now - session.created > SESSION_MAX_S:
             self.end(session)
             return None
