@@ -22,6 +22,7 @@
     ├── BudgetExceeded                429 insufficient_quota / budget_exceeded
     ├── RateLimited                   429 requests|tokens / rate_limit_exceeded (the policy's per-minute limits)
     ├── StoreUnavailable              503 server_error / store_unavailable
+    │   └── AuditUnavailable              / audit_unavailable (the audit cannot be written: fail closed)
     ├── ClientClosed                  499 (never sent: the client left mid-stream; audit only)
     └── UpstreamError                 502 upstream_error      (the provider failed)
         ├── UpstreamAuthFailed        502 upstream_error / upstream_auth_failed (our key: another key is tried)
@@ -227,6 +228,12 @@ class StoreUnavailable(GatewayError):
     status = 503
     code = "store_unavailable"
     default_message = "The gateway's store is unavailable, so the call was refused."
+
+
+class AuditUnavailable(StoreUnavailable):
+    code = "audit_unavailable"
+    default_message = ("The audit store cannot be written, so the call was refused (this route does not fail "
+                       "open). Try again shortly.")
 
 
 class ClientClosed(GatewayError):

@@ -29,6 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.approvals import APPROVAL_HEADER, MODE_HEADER, ApprovalQueue, fingerprint, public, summary
+from gateway.audit.content import MAX_REPLY_BYTES, captured
+from gateway.audit.metrics import Metrics
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore, bearer_token
 from gateway.budgets import BudgetLedgerStore, Need, Reservation, Used
@@ -39,6 +41,7 @@ from gateway.errors import (
     ApprovalNotFound,
     ApprovalPending,
     ApprovalRejected,
+    AuditUnavailable,
     AuthenticationFailed,
     BudgetExceeded,
     ClientClosed,
@@ -56,7 +59,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.policy import DECISION, MAX_LIMIT_MICRO_USD, PolicyStage, build_input, rate_budgets
-from gateway.routing import Router, RouteResult
+from gateway.routing import Router, RouteResult, semconv_provider
 from gateway.sse import SSEResponse
 from gateway.store import Approval, rfc3339, utcnow
 from gateway.stored_responses import StoredResponses
@@ -79,6 +82,7 @@ MAX_MICRO_USD = 2**63 - 1  # what the ledger's BIGINT columns hold
 REFUSALS = (AuthenticationFailed, PermissionDenied, BudgetExceeded, RateLimited, ApprovalConflict,
             ApprovalNotFound, TooManyApprovals)
 RUN_HEADER = "lockgate-run-id"
+FAILED_OPEN_HEADER = "lockgate-audit"  # "failed-open" on a call served while the audit could not be written
 MAX_RUN_ID_CHARS = 128
 
 
@@ -139,6 +143,12 @@ class Call:
     reserved_micro_usd: int = 0  # the money reserved, kept for the record (its estimate error)
     stream_cap: int = 0  # output events a stream may relay before it passes what was reserved (0: no cap)
     rate_headers: dict[str, str] | None = None  # x-ratelimit-* of the policy's per-minute limits
+    failed_open: str | None = None  # "audit": served while the audit store could not be written
+    capture: str | None = None  # the policy's audit.content (hash | redacted | full), None when off
+    request_body: bytes = b""  # kept only while content is captured
+    reply_chunks: list[bytes] | None = None  # the reply as the client got it, while content is captured
+    reply_bytes: int = 0  # the size of the reply so far, while content is captured
+    upstream_started: float = 0.0  # when routing began: the GenAI operation's duration starts here
     ended: bool = False
 
     @property
@@ -149,6 +159,8 @@ class Call:
         headers = {"lockgate-decision-id": self.decision_id, "lockgate-trace-id": self.trace_id}
         if self.rate_headers:
             headers.update(self.rate_headers)
+        if self.failed_open:
+            headers[FAILED_OPEN_HEADER] = "failed-open"
         return headers
 
 
@@ -171,7 +183,7 @@ class Pipeline:
     def __init__(self, *, keys: KeyStore, policy: PolicyStage, approvals: ApprovalQueue,
                  ledger: BudgetLedgerStore, router: Router, audit: AuditWriter, tracer: Tracer,
                  max_request_bytes: int, max_request_depth: int, responses: StoredResponses,
-                 holding: Holding) -> None:
+                 holding: Holding, metrics: Metrics | None = None) -> None:
         self.keys = keys
         self.policy = policy
         self.approvals = approvals
@@ -184,6 +196,7 @@ class Pipeline:
         self._decision_ids = random.Random()
         self.responses = responses
         self.holding = holding
+        self.metrics = metrics  # None: no reader takes metrics, so none are recorded
 
     async def handle(self, request: Request, spec: EndpointSpec, serve: Serve | None = None) -> GovernedResponse:
         """Serve one call: through every stage, or, given ``serve``, authenticated and then served by
@@ -236,6 +249,10 @@ class Pipeline:
         models = self._priced(spec, self.router.candidates(spec.name, decision.route_model or facts.model,
                                                            decision.fallbacks))
         call.route = RouteResult(model=models[0])
+        if decision.audit_content != "off":
+            call.capture, call.request_body, call.reply_chunks = decision.audit_content, raw, []
+        if not self.audit.available:
+            self._audit_away(call)
         if decision.approval is not None:                                            # 4 hold
             return await self._hold(request, call, raw, body, decision)
         return await self._execute(call, body, decision, models, forwarded_headers(headers, spec))
@@ -261,6 +278,7 @@ class Pipeline:
                 call.decision_id, self.holding.lease_s)
             if budgets:
                 call.reserved_micro_usd, call.stream_cap = worst, output_max
+                call.root.set_attribute("lockgate.budget.scopes", tuple(dict.fromkeys(b.scope for b in budgets)))
                 if call.reservation.rates:
                     call.rate_headers = rate_headers(call.reservation.rates)
         if approval is not None:
@@ -270,6 +288,7 @@ class Pipeline:
                 raise ApprovalConflict(f"Approval {approval.id} is already being used by another call; an "
                                        "approved call runs once.")
             call.approval_claimed = True
+        call.upstream_started = time.perf_counter()
         if facts.stream:
             events = await self.router.stream(spec.name, models, upstream_body,       # 6 route + call
                                               call.root, call.route, (reader := spec.stream_reader(facts)).facts,
@@ -278,6 +297,8 @@ class Pipeline:
         reply, call.reply = await self.router.complete(spec.name, models, upstream_body, call.root, call.route,
                                                        spec.read_reply, passed_on)
         call.usage = call.reply.usage
+        if call.reply_chunks is not None:
+            call.reply_chunks.append(reply.body)
         if not call.reply.usage_reported and spec.billable:
             # A reply without usage is not free: our own count of its input, and of its output
             # from the reply's size (every 4 bytes a token: it counts the JSON around the text too).
@@ -391,6 +412,8 @@ class Pipeline:
         headers = request.headers
         call.principal = await self.keys.authenticate(
             bearer_token(headers.get("authorization"), headers.get("x-api-key")))
+        if not self.audit.available:
+            self._audit_away(call)
         response = await serve(request, call)
         self._end(call, status=response.status_code)
         return response
@@ -575,6 +598,9 @@ class Pipeline:
                     out = b"".join(held)
                     held.clear()
                 if out:
+                    if call.reply_chunks is not None and call.reply_bytes <= MAX_REPLY_BYTES:
+                        call.reply_chunks.append(out)
+                        call.reply_bytes += len(out)
                     if reader.terminated and not call.ended:
                         self._end_stream(call, reader, 200, None)
                         self._durable(call)
@@ -622,8 +648,24 @@ class Pipeline:
 
     def _durable(self, call: Call) -> None:
         """Make the call's record (queued by ``_end``) survive this process before its answer ends:
-        the audit journal's write (gateway/audit/journal.py). Raises StoreUnavailable."""
-        self.audit.durable()
+        the audit journal's write (gateway/audit/journal.py). Raises AuditUnavailable, unless the
+        call's route fails open."""
+        try:
+            self.audit.durable()
+        except AuditUnavailable:
+            self._audit_away(call)
+
+    def _audit_away(self, call: Call) -> None:
+        """The audit cannot be written: refuse the call (fail closed), or, on a route configured to
+        fail open for the audit, serve it marked (header, record field, span attribute, metric)."""
+        route = call.route
+        if route is None or "audit" not in route.model.fail_open:
+            raise AuditUnavailable()
+        if call.failed_open is None:
+            call.failed_open = "audit"
+            call.root.set_attribute("lockgate.failed_open", "audit")
+            log.warning("decision %s served while the audit store cannot be written (route %s fails open)",
+                        call.decision_id, route.model.name)
 
     def _refuse(self, call: Call, exc: GatewayError) -> Response:
         response = call.spec.error_response(exc)
@@ -664,6 +706,33 @@ class Pipeline:
         if reply and reply.response_id and route and route.deployment and principal:
             self.responses.keep(reply.response_id, principal.key_id, route.model.name, route.deployment, call.now)
 
+    def _measure(self, call: Call, error_type: str | None) -> None:
+        """The GenAI client metrics of a call that reached a provider, and the fail-open count."""
+        assert self.metrics is not None
+        route, reply, facts = call.route, call.reply, call.facts
+        if route is not None and route.attempts and call.upstream_started:
+            attributes = {"gen_ai.operation.name": call.spec.operation,
+                          "gen_ai.provider.name": semconv_provider(route.provider),
+                          "gen_ai.request.model": facts.model if facts else route.model.name}
+            if reply is not None and reply.response_model:
+                attributes["gen_ai.response.model"] = reply.response_model
+            self.metrics.operation(attributes, call.usage.input_tokens, call.usage.output_tokens,
+                                   time.perf_counter() - call.upstream_started, error_type)
+        if call.failed_open and route is not None:
+            self.metrics.failed_open(route.model.name, call.failed_open)
+
+    @staticmethod
+    def _content(call: Call) -> dict[str, Any]:
+        """What the policy's audit.content keeps of the prompt and reply (gateway/audit/content.py)."""
+        assert call.capture is not None
+        chunks = call.reply_chunks or []
+        reply = b"".join(chunks) if chunks else None
+        streamed = bool(call.facts and call.facts.stream)
+        truncated = streamed and reply is not None and len(reply) > MAX_REPLY_BYTES
+        if truncated:
+            reply = reply[:MAX_REPLY_BYTES]  # type: ignore[index]
+        return captured(call.capture, call.request_body, reply, streamed, truncated)
+
     def _settle(self, call: Call, error: GatewayError | None = None) -> None:
         """Price the usage and hand the settlement to the audit writer, which writes it with the
         call's decision record; until then the reservation stays held."""
@@ -690,8 +759,10 @@ class Pipeline:
     def _record(self, call: Call, *, status: int, error: GatewayError | None = None) -> None:
         root, route, reply = call.root, call.route, call.reply
         attributes: dict[str, Any] = {"http.response.status_code": status}
-        if route is not None and route.attempts:
-            attributes["gen_ai.provider.name"] = route.provider
+        attempted = route is not None and route.attempts
+        if attempted:
+            attributes["gen_ai.provider.name"] = semconv_provider(route.provider)  # type: ignore[union-attr]
+            attributes["lockgate.cost_micro_usd"] = call.cost_micro_usd
         if reply is not None:
             attributes.update({
                 "gen_ai.response.model": reply.response_model,
@@ -699,13 +770,19 @@ class Pipeline:
                 "gen_ai.usage.output_tokens": call.usage.output_tokens,
                 "gen_ai.response.finish_reasons": tuple(reply.finish_reasons),
             })
+        approval = call.approval
+        if approval is not None and approval.decided_by and approval.status != "denied":
+            attributes["lockgate.approval.approved_by"] = approval.decided_by
+        error_type = (error.code or type(error).__name__) if error is not None else None
         if error is not None:
-            attributes["error.type"] = error.code or type(error).__name__
+            attributes["error.type"] = error_type
             root.set_status(Status(StatusCode.ERROR, error.message))
         root.set_attributes(attributes)  # one call: the SDK locks and checks per call, not per batch
         root.end()
+        if self.metrics is not None:
+            self._measure(call, error_type)
         denied = isinstance(error, REFUSALS)
-        principal, facts, approval = call.principal, call.facts, call.approval
+        principal, facts = call.principal, call.facts
         outcome = call.outcome or ("allowed" if error is None else "held" if isinstance(error, ApprovalPending)
                                    else "denied" if denied else "failed")
         self.audit.add_decision({
@@ -739,6 +816,8 @@ class Pipeline:
             "approved_by": approval.decided_by if approval and approval.decided_at and approval.status != "denied"
             else None,
             "approved_at": approval.decided_at if approval and approval.status != "denied" else None,
+            "failed_open": call.failed_open,
+            "content": self._content(call) if call.capture else None,
         })
 
 
@@ -777,6 +856,8 @@ class GovernedResponse:
                 # gets the last byte (a stream: before its last event, in the relay).
                 try:
                     self._pipeline._durable(self._call)
+                    if self._call.failed_open:
+                        self.response.headers[FAILED_OPEN_HEADER] = "failed-open"
                 except StoreUnavailable as exc:
                     self.response = self._call.spec.error_response(exc)
                     self.response.headers.update(self._call.headers())

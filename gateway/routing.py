@@ -33,9 +33,11 @@ the deployment's key before it reaches a span, a log, a record or the client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -62,6 +64,26 @@ T = TypeVar("T")
 _NO_HEADERS: Mapping[str, str] = {}
 RETRY_BACKOFF_S = 0.05  # before the first retry on a deployment; doubled for each further one
 # gen_ai.operation.name per endpoint (OpenTelemetry GenAI semantic conventions).
+# Our provider names as the GenAI semantic conventions spell them (gen_ai.provider.name).
+SEMCONV_PROVIDERS = {"azure_openai": "azure.ai.openai"}
+
+
+def semconv_provider(provider: str) -> str:
+    return SEMCONV_PROVIDERS.get(provider, provider)
+
+
+@functools.lru_cache(maxsize=256)
+def _server(base_url: str) -> dict[str, Any]:
+    """server.address and server.port of a deployment's base URL (none for the offline mock)."""
+    if not base_url:
+        return {}
+    parts = urllib.parse.urlsplit(base_url)
+    if not parts.hostname:
+        return {}
+    return {"server.address": parts.hostname,
+            "server.port": parts.port or (443 if parts.scheme == "https" else 80)}
+
+
 _OPERATIONS = {"chat.completions": "chat", "responses": "chat", "messages": "chat", "embeddings": "embeddings",
                "messages.count_tokens": "count_tokens", "responses.retrieve": "retrieve_response",
                "responses.delete": "delete_response"}
@@ -209,8 +231,10 @@ class Router:
         return self._tracer.start_span(
             f"{operation} {deployment.upstream_model}", context=trace.set_span_in_context(parent),
             kind=SpanKind.CLIENT,
-            attributes={"gen_ai.operation.name": operation, "gen_ai.provider.name": deployment.provider,
-                        "gen_ai.request.model": deployment.upstream_model, "lockgate.catalog_model": model.name},
+            attributes={"gen_ai.operation.name": operation,
+                        "gen_ai.provider.name": semconv_provider(deployment.provider),
+                        "gen_ai.request.model": deployment.upstream_model, "lockgate.catalog_model": model.name,
+                        **_server(deployment.base_url)},
         )
 
     @staticmethod

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -22,6 +23,7 @@ from adapters.mock import MockProvider
 from adapters.openai import OpenAIProvider
 from gateway.approvals import ApprovalQueue
 from gateway.audit.journal import Journal
+from gateway.audit.metrics import Metrics, otlp_metric_reader
 from gateway.audit.tracing import build_tracer_provider, otlp_processor
 from gateway.audit.writer import AuditWriter
 from gateway.auth import KeyStore
@@ -61,11 +63,14 @@ class Runtime:
     router: Router
     pipeline: Pipeline
     reaper: LeaseReaper
+    metrics: Metrics | None = None
 
     async def close(self) -> None:
         await self.reaper.close()
         await self.approvals.close()
         self.tracer_provider.shutdown()  # spans are already rows in the writer; this stops the extra processors
+        if self.metrics is not None:
+            self.metrics.shutdown()  # a last export
         await self.audit.close()
         await self.http.aclose()
         await self.engine.dispose()
@@ -132,7 +137,8 @@ async def open_direct_statements(settings: Settings) -> DirectStatements:
                            f"{_without_password(settings, exc)}") from None
 
 
-async def build_runtime(settings: Settings, extra_span_processors: Sequence[SpanProcessor] = ()) -> Runtime:
+async def build_runtime(settings: Settings, extra_span_processors: Sequence[SpanProcessor] = (),
+                        metric_readers: Sequence[MetricReader] = ()) -> Runtime:
     policy = build_policy(settings)
     engine = await open_store(settings)
     try:
@@ -152,7 +158,9 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     await audit.replay(journal_root)  # the records of calls a process that is gone answered but never wrote
     if settings.otlp_endpoint:
         extra_span_processors = (*extra_span_processors, otlp_processor(settings.otlp_endpoint))
+        metric_readers = (*metric_readers, otlp_metric_reader(settings.otlp_endpoint))
     tracer_provider = build_tracer_provider(audit, extra_span_processors)
+    metrics = Metrics(metric_readers) if metric_readers else None
     tracer = tracer_provider.get_tracer("lockgate")
     limits = RoutingLimits(
         retries=settings.upstream_retries, first_byte_timeout_s=settings.upstream_first_byte_timeout_s,
@@ -169,6 +177,8 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
         router = Router(settings.models, providers, settings.secret, tracer, limits)
     except ValueError as exc:
         tracer_provider.shutdown()
+        if metrics is not None:
+            metrics.shutdown()
         await http.aclose()
         await engine.dispose()
         await direct.close()
@@ -188,11 +198,11 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
                         audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes,
                         max_request_depth=settings.max_request_depth, responses=StoredResponses(engine, audit),
                         holding=Holding(hold_s=settings.approval_hold_s, keepalive_s=settings.approval_keepalive_s,
-                                        lease_s=settings.reservation_lease_s))
+                                        lease_s=settings.reservation_lease_s), metrics=metrics)
     audit.start()
     reaper = LeaseReaper(ledger, tracer, interval_s=max(0.5, min(30.0, settings.reservation_lease_s / 10)))
     reaper.start()
     return Runtime(settings=settings, engine=engine, direct=direct, http=http,
                    tracer_provider=tracer_provider, audit=audit,
                    keys=keys, approvals=approvals, ledger=ledger, policy=policy, router=router, pipeline=pipeline,
-                   reaper=reaper)
+                   reaper=reaper, metrics=metrics)

@@ -153,6 +153,11 @@ def _models(value: Any) -> tuple[CatalogModel, ...]:
                 raise ValueError(f"model {entry.get('name')!r}: {price} must be a finite number >= 0, got {value!r}")
         if not isinstance(fields.get("free", False), bool):
             raise ValueError(f"model {entry.get('name')!r}: free must be true or false")
+        fail_open = fields.get("fail_open", [])
+        if not isinstance(fail_open, list) or not all(isinstance(v, str) and v in FAIL_OPEN for v in fail_open):
+            raise ValueError(f"model {entry.get('name')!r}: fail_open must be a list of {sorted(FAIL_OPEN)}, "
+                             f"got {fail_open!r}")
+        fields["fail_open"] = tuple(fail_open)
         try:
             models.append(CatalogModel(**fields, deployments=deployments))
         except TypeError as exc:
@@ -165,6 +170,9 @@ def _models(value: Any) -> tuple[CatalogModel, ...]:
 
 def _optional_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
+
+
+FAIL_OPEN = frozenset({"audit"})  # what a route may be configured to serve through (fail_open)
 
 
 DEFAULT_MODELS: list[dict[str, Any]] = [

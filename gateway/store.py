@@ -151,6 +151,10 @@ class DecisionRecord(SQLModel, table=True):
     record_hash: str | None = None
     approved_by: str | None = None
     approved_at: datetime | None = None
+    # "audit": served while the audit store could not be written, on a route that fails open.
+    failed_open: str | None = None
+    # Prompt and reply as the policy's audit.content asked (hash, redacted or full); none by default.
+    content: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 DECISION_COLUMNS = tuple(c.name for c in DecisionRecord.__table__.columns)  # type: ignore[attr-defined]

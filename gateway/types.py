@@ -67,6 +67,9 @@ class CatalogModel:
     output_usd_per_mtok: float = 0.0
     cached_input_usd_per_mtok: float | None = None  # input read from the provider's cache; None: the input price
     free: bool = False  # a model without prices is refused unless the catalog says it is free
+    # What this route serves through rather than refuse: "audit" (the audit store cannot be
+    # written). Off unless configured; every call let through is marked (docs/audit.md).
+    fail_open: tuple[str, ...] = ()
     timeout_s: float | None = None
     api_version: str = ""
     deployments: tuple[Deployment, ...] = ()
@@ -140,6 +143,7 @@ class Decision:
     # made budgets per call (gateway/policy, rate_budgets), since a decision is shared by callers.
     rate_limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     audit_labels: Mapping[str, str] = field(default_factory=dict)
+    audit_content: str = "off"  # audit.content: off | hash | redacted | full (gateway/audit/content.py)
 
 
 @dataclass(slots=True)

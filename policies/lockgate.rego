@@ -41,6 +41,9 @@ approval_request := {
 	count(held_tools) > 0
 } else := {"required": false}
 
+# Prompt and reply content in the audit record: off, unless a team's data says hash, redacted or full.
+audit_content := object.get(data.lockgate.teams[input.principal.team], "audit_content", "off")
+
 default decision := {"allow": false, "reasons": ["no rule of the policy allowed this call"]}
 
 decision := {"allow": false, "reasons": sort(deny)} if count(deny) > 0
@@ -51,7 +54,7 @@ decision := {
 	"route": {"model": model, "fallbacks": route_fallbacks},
 	"budgets": team_budgets,
 	"approval": approval_request,
-	"audit": {"labels": {"team": input.principal.team}},
+	"audit": {"labels": {"team": input.principal.team}, "content": audit_content},
 } if {
 	count(deny) == 0
 	team

@@ -51,6 +51,12 @@ def tree(spans: tuple[ReadableSpan, ...]) -> dict[str, Any]:
     return node(root)
 
 
+def response_cost(usage: dict[str, int]) -> int:
+    """What the catalog charges for mock-fast's usage (micro-dollars)."""
+    [model] = [m for m in load_settings(environ={}).models if m.name == "mock-fast"]
+    return model.cost_micro_usd(usage["prompt_tokens"], usage["completion_tokens"])
+
+
 def test_allowed_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, str]) -> None:
     client, exporter, key = traced
     response = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
@@ -69,6 +75,8 @@ def test_allowed_call_span_tree(traced: tuple[TestClient, InMemorySpanExporter, 
             "gen_ai.usage.input_tokens": usage["prompt_tokens"],
             "gen_ai.usage.output_tokens": usage["completion_tokens"],
             "gen_ai.response.finish_reasons": ["stop"], "http.response.status_code": 200,
+            "lockgate.budget.scopes": ["team:research"],
+            "lockgate.cost_micro_usd": response_cost(usage),
         },
         "children": [
             {"name": "chat mock-fast", "kind": "CLIENT", "status": "UNSET", "attributes": {

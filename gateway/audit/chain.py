@@ -34,8 +34,10 @@ def _normal(value: Any) -> Any:
 
 def canonical(row: Mapping[str, Any]) -> bytes:
     """The bytes a record's hash covers: every column but the chain's hash fields (its ``seq`` is
-    covered, so a record cannot move), sorted, datetimes normalized."""
-    body = {name: _normal(value) for name, value in row.items() if name not in ("prev_hash", "record_hash")}
+    covered, so a record cannot move), sorted, datetimes normalized. Empty (NULL) columns are left
+    out, so a column added in a later version leaves the hashes of older records as they were."""
+    body = {name: _normal(value) for name, value in row.items()
+            if value is not None and name not in ("prev_hash", "record_hash")}
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
 
 

@@ -33,7 +33,7 @@ from sqlalchemy import DateTime
 from gateway.audit.journal import Journal, encode, orphaned, read
 from gateway.audit.reduce import MAX_ROW_BYTES, reduce_decision, reduce_span, skeleton
 from gateway.budgets import Reservation, Used, settlement, settlement_statements
-from gateway.errors import StoreUnavailable
+from gateway.errors import AuditUnavailable
 from gateway.store import DecisionRecord, DirectStatements, SpanRecord, StoredResponse, refuses_value
 
 log = logging.getLogger("lockgate.audit")
@@ -89,6 +89,16 @@ class AuditWriter:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closing = False
+        # The store did not take the last write (it is away): calls are refused, or on a route
+        # that fails open, served and marked (gateway/pipeline.py). Cleared by the next write that
+        # succeeds, or a ping that answers when nothing waits to be written.
+        self._store_away = False
+        self._journal_failed = False
+
+    @property
+    def available(self) -> bool:
+        """The audit can be written: the store took the last write, and the journal the last rows."""
+        return not (self._store_away or self._journal_failed)
 
     def add_decision(self, row: dict[str, Any]) -> None:
         for name, value in row.items():
@@ -151,14 +161,16 @@ class AuditWriter:
 
     def durable(self) -> None:
         """Make every row queued so far survive this process (the journal's write): called before a
-        call's answer ends. Raises StoreUnavailable if the journal cannot be written (fail closed)."""
+        call's answer ends. Raises AuditUnavailable if the journal cannot be written (fail closed)."""
         if self._journal is None:
             return
         try:
             self._journal.write_out()
+            self._journal_failed = False
         except OSError as exc:
+            self._journal_failed = True
             log.exception("the audit journal cannot be written")
-            raise StoreUnavailable("The audit journal cannot be written, so this call's answer is withheld.") from exc
+            raise AuditUnavailable("The audit journal cannot be written, so this call's answer is withheld.") from exc
 
     async def replay(self, root: Path) -> int:
         """Write the journals of gateway processes that are gone into the store, then delete them:
@@ -199,9 +211,13 @@ class AuditWriter:
             timer.cancel()
             self._wake.clear()
             try:
+                if self._store_away and not self._pending:
+                    self._store_away = not await self._store_answers()
                 await self.flush()
             except Exception:  # keep the rows; the next flush tries again
-                log.exception("audit write failed; %d rows kept for the next try", self.pending)
+                if not self._store_away:
+                    log.exception("audit write failed; %d rows kept for the next try", self.pending)
+                self._store_away = True
 
     @property
     def pending(self) -> int:
@@ -235,8 +251,11 @@ class AuditWriter:
                     self._approvals.difference_update(row["id"] for kind, row in items[:written] if kind == "approval")
                 # The store is away, or the flush was cancelled: keep the rest for the next one.
                 self._pending.extendleft(reversed(items[written:]))
-                if sealed is not None and written == len(items):
-                    self._journal.drop(sealed)  # type: ignore[union-attr]  # every row sealed so far is in the store
+                if written == len(items):
+                    if items:
+                        self._store_away = False
+                    if sealed is not None and self._journal is not None:
+                        self._journal.drop(sealed)  # every row sealed so far is in the store
                 self._decisions += sum(1 for kind, _ in items[written:] if kind == "decision")
 
     async def _write_one(self, kind: str, row: dict[str, Any]) -> None:

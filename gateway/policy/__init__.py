@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.audit.content import MODES as CONTENT_MODES
 from gateway.errors import PolicyFailed
 from gateway.policy.cache import DecisionCache
 from gateway.policy.embedded import PolicyEngineError
@@ -178,6 +179,9 @@ def parse_decision(raw: Any) -> Decision:
     for name in RATE_LIMITS:
         _object(limits.get(name), f"decision.limits.{name}")
     audit = _object(raw.get("audit"), "decision.audit")
+    content = audit.get("content", "off")
+    if content not in CONTENT_MODES:
+        raise PolicyEngineError(f"decision.audit.content must be one of {', '.join(CONTENT_MODES)}")
     return Decision(
         allow=raw["allow"],
         reasons=_strings(raw.get("reasons"), "decision.reasons"),
@@ -190,6 +194,7 @@ def parse_decision(raw: Any) -> Decision:
         max_run_micro_usd=None if max_run_cost is None else _limit(round(max_run_cost * MICRO), "max_cost_usd_per_run"),
         rate_limits={name: dict(limits[name]) for name in RATE_LIMITS if limits.get(name)},
         audit_labels={str(k): str(v) for k, v in _object(audit.get("labels"), "decision.audit.labels").items()},
+        audit_content=content,
     )
 
 
