@@ -13,6 +13,7 @@ from typing import Any
 
 import openai
 import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.conftest import start_gateway, stop_gateway
@@ -20,19 +21,38 @@ from tests.conftest import start_gateway, stop_gateway
 
 class _Collector(BaseHTTPRequestHandler):
     spans: list[tuple[str, dict[str, Any]]] = []
+    # (metric name, unit, data point attributes, count, sum) of every histogram data point exported
+    points: list[tuple[str, str, dict[str, Any], int, float]] = []
+    counters: list[tuple[str, dict[str, Any], int]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
-        request = ExportTraceServiceRequest()
-        request.ParseFromString(body)
-        for resource in request.resource_spans:
-            for scope in resource.scope_spans:
-                for span in scope.spans:
-                    attributes = {a.key: a.value.string_value or a.value.int_value for a in span.attributes}
-                    _Collector.spans.append((span.name, attributes))
-        self.send_response(200 if self.path == "/v1/traces" else 404)
+        if self.path == "/v1/metrics":
+            self._metrics(body)
+        elif self.path == "/v1/traces":
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    for span in scope.spans:
+                        attributes = {a.key: a.value.string_value or a.value.int_value for a in span.attributes}
+                        _Collector.spans.append((span.name, attributes))
+        self.send_response(200 if self.path in ("/v1/traces", "/v1/metrics") else 404)
         self.send_header("content-type", "application/x-protobuf")
         self.end_headers()
+
+    def _metrics(self, body: bytes) -> None:
+        request = ExportMetricsServiceRequest()
+        request.ParseFromString(body)
+        for resource in request.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    for point in metric.histogram.data_points:
+                        attributes = {a.key: a.value.string_value for a in point.attributes}
+                        _Collector.points.append((metric.name, metric.unit, attributes, point.count, point.sum))
+                    for number in metric.sum.data_points:
+                        attributes = {a.key: a.value.string_value for a in number.attributes}
+                        _Collector.counters.append((metric.name, attributes, number.as_int))
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -109,3 +129,39 @@ def test_a_callers_traceparent_is_continued_and_the_provider_call_carries_one(
     [attempt] = [s for s in spans if s["kind"] == "CLIENT"]
     [root] = [s for s in spans if s["kind"] == "SERVER"]
     assert span_id == attempt["span_id"] and root["parent_span_id"] == caller_span
+
+
+def test_genai_metrics_reach_an_otlp_collector(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")  # the SDK's export interval, in ms
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    _Collector.points.clear()
+    gateway = start_gateway(store_url, tmp_path, otlp_endpoint=f"http://127.0.0.1:{collector.server_port}")
+    try:
+        sdk = openai.OpenAI(base_url=gateway.v1, api_key=gateway.create_key(team="research"), max_retries=0)
+        first = sdk.chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}])
+        second = sdk.chat.completions.create(model="fast", messages=[{"role": "user", "content": "tell me more"}])
+        with pytest.raises(openai.PermissionDeniedError):  # denied: it reached no provider, so no GenAI metric
+            sdk.chat.completions.create(model="mock-unknown", messages=[{"role": "user", "content": "hi"}])
+        assert first.usage is not None and second.usage is not None
+        deadline = time.monotonic() + 10
+        while True:
+            latest = {(name, attrs.get("gen_ai.token.type")): (count, total) for name, _, attrs, count, total
+                      in _Collector.points}  # cumulative: the last export of each series
+            if latest.get(("gen_ai.client.operation.duration", None), (0, 0))[0] >= 2:
+                break
+            assert time.monotonic() < deadline, _Collector.points
+            time.sleep(0.05)
+    finally:
+        stop_gateway(gateway)
+        collector.shutdown()
+    assert latest[("gen_ai.client.token.usage", "input")] == (
+        2, first.usage.prompt_tokens + second.usage.prompt_tokens)
+    assert latest[("gen_ai.client.token.usage", "output")] == (
+        2, first.usage.completion_tokens + second.usage.completion_tokens)
+    assert latest[("gen_ai.client.operation.duration", None)][0] == 2
+    units = {name: unit for name, unit, _, _, _ in _Collector.points}
+    assert units == {"gen_ai.client.token.usage": "{token}", "gen_ai.client.operation.duration": "s"}
+    attributes = {k: v for _, _, attrs, _, _ in _Collector.points for k, v in attrs.items() if k != "gen_ai.token.type"}
+    assert attributes == {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "mock",
+                          "gen_ai.request.model": "fast", "gen_ai.response.model": "mock-fast"}

@@ -4,6 +4,9 @@ Armed, it lets the next client message holding ``COMMIT`` through to the server,
 both connections before the server's answer reaches the client: the transaction is committed, but
 the client cannot know it. This is the fault that made the skeleton apply settlements twice.
 It speaks no protocol: it only looks for the bytes of the simple query asyncpg sends to commit.
+
+``outage()`` makes the store unreachable through it (every connection closed, new ones closed at
+once) until ``restore()``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class CommitCutter:
         self._armed = 0
         self.cuts = 0
         self._closed = False
+        self._down = False
+        self._open: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def __enter__(self) -> Self:
@@ -30,6 +35,21 @@ class CommitCutter:
     def __exit__(self, *exc: object) -> None:
         self._closed = True
         self._listener.close()
+
+    def outage(self) -> None:
+        """Close every connection, and each new one at once, until ``restore``."""
+        with self._lock:
+            self._down = True
+            doomed, self._open = self._open, set()
+        for end in doomed:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        with self._lock:
+            self._down = False
 
     def arm(self, times: int = 1) -> None:
         with self._lock:
@@ -41,7 +61,14 @@ class CommitCutter:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:
+                down = self._down
+            if down:
+                client.close()
+                continue
             server = socket.create_connection(self._target)
+            with self._lock:
+                self._open.update((client, server))
             cut = threading.Event()
             threading.Thread(target=self._pump, args=(client, server, cut, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, cut, False), daemon=True).start()
