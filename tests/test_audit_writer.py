@@ -249,7 +249,7 @@ async def test_an_oversized_or_unencodable_record_is_reduced_when_journaled(
         engine: AsyncEngine, direct: DirectStatements, tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal")
     writer = AuditWriter(direct, flush_interval_s=3600, batch_size=1000, journal=journal)
-    huge = {"metadata": {"note": "y" * 300_000}}
+    huge = {"metadata": {"note": "y" * 1_200_000}}
     writer.add_decision({**decision_row("dec_huge", 0), "policy_input": huge})
     writer.add_decision({**decision_row("dec_deep", 0), "decision": nested(300)})
     writer.durable()
@@ -262,8 +262,8 @@ async def test_an_oversized_or_unencodable_record_is_reduced_when_journaled(
     records = await stored_records(engine)
     encoded = orjson.dumps(huge)
     digest, size = hashlib.sha256(encoded).hexdigest(), len(encoded)
-    assert records["dec_huge"]["policy_input"] == {"lockgate.reduced": f"{size} bytes (more than 65536)",
+    assert records["dec_huge"]["policy_input"] == {"lockgate.reduced": f"{size} bytes (more than 524288)",
                                                    "bytes": size, "sha256": digest}
-    assert f"policy_input ({size} bytes (more than 65536), sha256 {digest})" in records["dec_huge"]["reasons"][-1]
+    assert f"policy_input ({size} bytes (more than 524288), sha256 {digest})" in records["dec_huge"]["reasons"][-1]
     assert records["dec_deep"]["decision"]["lockgate.reduced"].startswith("it could not be encoded")
     assert "it could not be encoded as JSON" in records["dec_deep"]["reasons"][-1]

@@ -328,6 +328,9 @@ def test_without_a_session_pages_send_to_sign_in_with_the_security_headers(desk:
     assert (headers["x-frame-options"], headers["referrer-policy"], headers["cache-control"]) == (
         "DENY", "no-referrer", "no-store")
     assert "<script" not in signin.text and " style=" not in signin.text
+    stylesheet = httpx.get(desk.url + "/ui/console.css")  # the one stylesheet, served without a session
+    assert stylesheet.status_code == 200 and stylesheet.headers["content-type"].startswith("text/css")
+    assert ".at-0" in stylesheet.text and stylesheet.headers["x-content-type-options"] == "nosniff"
     missing = httpx.get(desk.url + "/ui/no/such/page")
     assert missing.status_code == 404 and "There is no such page" in missing.text
     wrong = httpx.delete(desk.url + "/ui/traces")

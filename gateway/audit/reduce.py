@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-MAX_ROW_BYTES = 256 * 1024  # a journaled row longer than this is reduced before it is queued
-MAX_JSON_BYTES = 64 * 1024  # a JSON column kept as given, in a reduced record
+MAX_ROW_BYTES = 1024 * 1024  # a journaled row longer than this is reduced before it is queued
+MAX_JSON_BYTES = 512 * 1024  # a JSON column kept as given, in a reduced record
 MAX_TEXT_CHARS = 4096  # a text column kept as given, in a reduced record
 INT64 = (-(2**63), 2**63 - 1)
 DECISION_JSON = ("policy_input", "decision", "content")
