@@ -10,7 +10,6 @@
     ├── AuthenticationFailed          401 invalid_request_error / invalid_api_key
     ├── PermissionDenied              403 permission_error
     │   ├── PolicyDenied                  / policy_denied
-    │   ├── PolicyFailed                  / policy_error      (the engine failed: fail closed)
     │   ├── ModelUnpriced                 / model_unpriced    (no price in the catalog, not marked free)
     │   ├── ApprovalRejected              / approval_denied, approval_expired, approval_mismatch
     │   └── DecisionRefused               / approval_forbidden, self_approval (a decider may not decide)
@@ -21,6 +20,8 @@
     ├── TooManyApprovals              429 rate_limit_exceeded / too_many_pending_approvals
     ├── BudgetExceeded                429 insufficient_quota / budget_exceeded
     ├── RateLimited                   429 requests|tokens / rate_limit_exceeded (the policy's per-minute limits)
+    ├── PolicyFailed                  503 server_error / policy_error (the engine failed or answered
+    │                                     no valid decision: denied, fail closed)
     ├── StoreUnavailable              503 server_error / store_unavailable
     │   └── AuditUnavailable              / audit_unavailable (the audit cannot be written: fail closed)
     ├── ClientClosed                  499 (never sent: the client left mid-stream; audit only)
@@ -131,8 +132,13 @@ class ModelUnpriced(PermissionDenied):
     default_message = "This model has no price in the gateway's catalog."
 
 
-class PolicyFailed(PermissionDenied):
+class PolicyFailed(GatewayError):
+    """The policy engine failed, timed out, or gave no decision of the contract's shape: the call is
+    denied (fail closed) unless its route fails open for the policy."""
+
+    status = 503
     code = "policy_error"
+    retryable = False  # the same call meets the same policy
     default_message = "The policy could not be evaluated, so the call was denied."
 
 

@@ -51,6 +51,7 @@ from gateway.errors import (
     ModelUnpriced,
     PermissionDenied,
     PolicyDenied,
+    PolicyFailed,
     RateLimited,
     RequestTooLarge,
     StoreUnavailable,
@@ -79,10 +80,12 @@ TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 MAX_MICRO_USD = 2**63 - 1  # what the ledger's BIGINT columns hold
 # Errors that refuse a call (recorded as "denied"), as opposed to failures.
-REFUSALS = (AuthenticationFailed, PermissionDenied, BudgetExceeded, RateLimited, ApprovalConflict,
+REFUSALS = (AuthenticationFailed, PermissionDenied, PolicyFailed, BudgetExceeded, RateLimited, ApprovalConflict,
             ApprovalNotFound, TooManyApprovals)
 RUN_HEADER = "lockgate-run-id"
-FAILED_OPEN_HEADER = "lockgate-audit"  # "failed-open" on a call served while the audit could not be written
+# On a call served although the audit could not be written or the policy not evaluated, on a route
+# configured to fail open: what failed ("audit", "policy", or both).
+FAILED_OPEN_HEADER = "lockgate-failed-open"
 MAX_RUN_ID_CHARS = 128
 
 
@@ -143,7 +146,7 @@ class Call:
     reserved_micro_usd: int = 0  # the money reserved, kept for the record (its estimate error)
     stream_cap: int = 0  # output events a stream may relay before it passes what was reserved (0: no cap)
     rate_headers: dict[str, str] | None = None  # x-ratelimit-* of the policy's per-minute limits
-    failed_open: str | None = None  # "audit": served while the audit store could not be written
+    failed_open: str | None = None  # "audit", "policy" or "policy,audit": what it was served without
     capture: str | None = None  # the policy's audit.content (hash | redacted | full), None when off
     request_body: bytes = b""  # kept only while content is captured
     reply_chunks: list[bytes] | None = None  # the reply as the client got it, while content is captured
@@ -160,7 +163,7 @@ class Call:
         if self.rate_headers:
             headers.update(self.rate_headers)
         if self.failed_open:
-            headers[FAILED_OPEN_HEADER] = "failed-open"
+            headers[FAILED_OPEN_HEADER] = self.failed_open
         return headers
 
 
@@ -439,10 +442,15 @@ class Pipeline:
         span = self.tracer.start_span("policy.decide", attributes={"lockgate.policy.entrypoint": DECISION})
         try:
             decision, call.raw_decision, reused = self.policy.decide(call.policy_input)
-        except GatewayError as exc:
+        except PolicyFailed as exc:
             span.set_attribute("error.type", type(exc).__name__)
             span.set_status(Status(StatusCode.ERROR, exc.message))
-            raise
+            if not self._fails_open(call, self.router.catalog.get(facts.model), "policy"):
+                raise
+            # Opt-in, per route: served as asked, with no budget, limit or approval the policy
+            # could have set; marked as such.
+            decision, reused = Decision(allow=True, reasons=(f"served without a policy decision ({exc.message}); "
+                                                             f"route {facts.model} fails open",)), False
         else:
             span.set_attributes({"lockgate.decision.allow": decision.allow,
                                  "lockgate.policy.revision": self.policy.revision,
@@ -659,13 +667,21 @@ class Pipeline:
         """The audit cannot be written: refuse the call (fail closed), or, on a route configured to
         fail open for the audit, serve it marked (header, record field, span attribute, metric)."""
         route = call.route
-        if route is None or "audit" not in route.model.fail_open:
+        if route is None or not self._fails_open(call, route.model, "audit"):
             raise AuditUnavailable()
-        if call.failed_open is None:
-            call.failed_open = "audit"
-            call.root.set_attribute("lockgate.failed_open", "audit")
-            log.warning("decision %s served while the audit store cannot be written (route %s fails open)",
-                        call.decision_id, route.model.name)
+
+    @staticmethod
+    def _fails_open(call: Call, model: CatalogModel | None, reason: str) -> bool:
+        """Whether ``model``'s route serves through ``reason`` ("audit" or "policy"); if it does, the
+        call is marked as served without it (docs/audit.md, docs/policies.md)."""
+        if model is None or reason not in model.fail_open:
+            return False
+        if call.failed_open is None or reason not in call.failed_open.split(","):
+            call.failed_open = reason if call.failed_open is None else f"{call.failed_open},{reason}"
+            call.root.set_attribute("lockgate.failed_open", call.failed_open)
+            log.warning("decision %s served without %s (route %s fails open)", call.decision_id,
+                        "a policy decision" if reason == "policy" else "a writable audit store", model.name)
+        return True
 
     def _refuse(self, call: Call, exc: GatewayError) -> Response:
         response = call.spec.error_response(exc)
@@ -719,7 +735,8 @@ class Pipeline:
             self.metrics.operation(attributes, call.usage.input_tokens, call.usage.output_tokens,
                                    time.perf_counter() - call.upstream_started, error_type)
         if call.failed_open and route is not None:
-            self.metrics.failed_open(route.model.name, call.failed_open)
+            for reason in call.failed_open.split(","):
+                self.metrics.failed_open(route.model.name, reason)
 
     @staticmethod
     def _content(call: Call) -> dict[str, Any]:
@@ -857,7 +874,7 @@ class GovernedResponse:
                 try:
                     self._pipeline._durable(self._call)
                     if self._call.failed_open:
-                        self.response.headers[FAILED_OPEN_HEADER] = "failed-open"
+                        self.response.headers[FAILED_OPEN_HEADER] = self._call.failed_open
                 except StoreUnavailable as exc:
                     self.response = self._call.spec.error_response(exc)
                     self.response.headers.update(self._call.headers())

@@ -172,7 +172,7 @@ def _optional_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
 
-FAIL_OPEN = frozenset({"audit"})  # what a route may be configured to serve through (fail_open)
+FAIL_OPEN = frozenset({"audit", "policy"})  # what a route may be configured to serve through (fail_open)
 
 
 DEFAULT_MODELS: list[dict[str, Any]] = [

@@ -68,7 +68,8 @@ class CatalogModel:
     cached_input_usd_per_mtok: float | None = None  # input read from the provider's cache; None: the input price
     free: bool = False  # a model without prices is refused unless the catalog says it is free
     # What this route serves through rather than refuse: "audit" (the audit store cannot be
-    # written). Off unless configured; every call let through is marked (docs/audit.md).
+    # written), "policy" (the policy cannot be evaluated). Off unless configured; every call let
+    # through is marked (docs/audit.md).
     fail_open: tuple[str, ...] = ()
     timeout_s: float | None = None
     api_version: str = ""

@@ -116,7 +116,7 @@ def test_a_policy_asking_for_an_unknown_content_mode_denies_the_call(gateway: tu
     response = served.client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                                   json={"model": "mock-fast", "messages": [{"role": "user", "content": "hi"}],
                                         "metadata": {"capture": "everything"}})
-    assert response.status_code == 403 and response.json()["error"]["code"] == "policy_error"
+    assert response.status_code == 503 and response.json()["error"]["code"] == "policy_error"
 
 
 @pytest.mark.parametrize(("text", "expected"), [

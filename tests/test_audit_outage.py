@@ -1,7 +1,7 @@
 """When the audit store cannot be written, calls are refused (503 audit_unavailable), except on a
-route configured to fail open for the audit: those are served and marked (the lockgate-audit
+route configured to fail open for the audit: those are served and marked (the lockgate-failed-open
 header, the record's failed_open field written once the store is back, a span attribute and the
-lockgate.audit.failed_open metric). The store goes away behind a loopback TCP proxy in front of
+lockgate.failed_open metric). The store goes away behind a loopback TCP proxy in front of
 PostgreSQL (tests/fakes/commit_cutter.py)."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def failed_open_count(reader: InMemoryMetricReader) -> dict[str, int]:
     for resource in data.resource_metrics if data else ():
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
-                if metric.name == "lockgate.audit.failed_open":
+                if metric.name == "lockgate.failed_open":
                     for point in metric.data.data_points:
                         counts[str(point.attributes["lockgate.route"])] = point.value
     return counts
@@ -87,7 +87,7 @@ def test_while_the_audit_cannot_be_written_calls_fail_closed_unless_their_route_
     key = gateway.create_key()
     served = [chat(gateway, key, "open"), chat(gateway, key, "closed")]  # warms the key and spend caches
     assert [r.status_code for r in served] == [200, 200]
-    assert all("lockgate-audit" not in r.headers for r in served)
+    assert all("lockgate-failed-open" not in r.headers for r in served)
 
     cutter.outage()
     refused = []
@@ -102,7 +102,7 @@ def test_while_the_audit_cannot_be_written_calls_fail_closed_unless_their_route_
 
     opened = [chat(gateway, key, "open") for _ in range(3)]
     assert [r.status_code for r in opened] == [200, 200, 200]
-    assert all(r.headers["lockgate-audit"] == "failed-open" for r in opened)
+    assert all(r.headers["lockgate-failed-open"] == "audit" for r in opened)
     assert all(r.json()["choices"][0]["message"]["content"] for r in opened)
     assert failed_open_count(reader) == {"open": 3}
     refused.append(chat(gateway, key, "closed"))

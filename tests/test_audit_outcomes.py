@@ -104,7 +104,7 @@ def test_every_outcome_leaves_exactly_one_record(served: tuple[Gateway, FakeOpen
     expect(http.post("/v1/chat/completions", content=b"{not json", headers={"authorization": f"Bearer {requester}"}),
            "failed", 400, "InvalidRequest")
     expect(chat("deny"), "denied", 403, "policy_denied")
-    expect(chat("policy_error"), "denied", 403, "policy_error")  # fail closed: a deny
+    expect(chat("policy_error"), "denied", 503, "policy_error")  # fail closed: a deny
     expect(chat("budget"), "denied", 429, "budget_exceeded")
     rate_key = gateway.create_key(user="erin", team="research")
     chat("rate", key=rate_key, headers={"x-test": "first"})  # recorded below with the rest

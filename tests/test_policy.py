@@ -7,17 +7,21 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from starlette.testclient import TestClient
 
+from gateway.app import create_app
 from gateway.policy import DECISION, build_input, parse_decision
 from gateway.policy.embedded import EmbeddedEngine, PolicyEngineError
 from gateway.policy.source import PolicyLoadError, PolicySource, load_policy_source
 from gateway.runtime import StartupError, build_policy
 from gateway.settings import load_settings
 from gateway.types import CallFacts, Principal
-from tests.conftest import in_process
+from tests.conftest import InProcessGateway, in_process
 from tests.conftest import write_policy as shipped_policy_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,10 +154,42 @@ def test_a_policy_error_denies_the_call_and_is_audited(tmp_path: Path, team: str
         key = gateway.create_key(team=team)
         response = gateway.client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                                        json={"model": "mock-fast", "messages": [{"role": "user", "content": "x"}]})
-        assert response.status_code == 403
+        assert response.status_code == 503
         assert response.json()["error"]["code"] == "policy_error"
         [record] = gateway.decisions()
     assert (record["outcome"], record["error_type"]) == ("denied", "policy_error")
+
+
+def test_a_route_that_fails_open_for_the_policy_serves_the_call_marked(tmp_path: Path) -> None:
+    folder = write_policy(tmp_path / "p", CONFLICTING)
+    models = [{"name": "open", "provider": "mock", "upstream_model": "mock-fast", "free": True,
+               "fail_open": ["policy"]},
+              {"name": "closed", "provider": "mock", "upstream_model": "mock-fast", "free": True}]
+    reader = InMemoryMetricReader()
+    settings = load_settings(environ={"LOCKGATE_POLICY_DIR": str(folder), "LOCKGATE_MODELS": json.dumps(models),
+                                      "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db"})
+    with TestClient(create_app(settings, (), [reader])) as client:
+        gateway = InProcessGateway(client)
+        key = gateway.create_key(team="research")
+
+        def chat(model: str) -> Any:
+            return client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                               json={"model": model, "messages": [{"role": "user", "content": "x"}]})
+
+        served, refused = chat("open"), chat("closed")
+        assert served.status_code == 200 and served.headers["lockgate-failed-open"] == "policy"
+        assert served.json()["choices"][0]["message"]["content"]
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "policy_error"
+        assert "lockgate-failed-open" not in refused.headers
+        records = {r["id"]: r for r in gateway.decisions()}
+    record = records[served.headers["lockgate-decision-id"]]
+    assert (record["outcome"], record["failed_open"], record["routed_model"]) == ("allowed", "policy", "open")
+    assert "fails open" in record["reasons"][0]
+    assert records[refused.headers["lockgate-decision-id"]]["failed_open"] is None
+    points = [p for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
+              for m in sm.metrics if m.name == "lockgate.failed_open" for p in m.data.data_points]
+    assert [(dict(p.attributes), p.value) for p in points] == [
+        ({"lockgate.route": "open", "lockgate.failed_open.reason": "policy"}, 1)]
 
 
 REVIEWING = """package lockgate

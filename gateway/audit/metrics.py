@@ -4,8 +4,9 @@
   call that reached a provider, by ``gen_ai.token.type``.
 - ``gen_ai.client.operation.duration`` (histogram, ``s``): from the first provider request to the
   call's end, with ``error.type`` when it failed.
-- ``lockgate.audit.failed_open`` (counter, ``{call}``): calls served while the audit store could
-  not be written, on a route configured to fail open (docs/audit.md).
+- ``lockgate.failed_open`` (counter, ``{call}``): calls served although the audit store could not
+  be written or the policy not evaluated, on a route configured to fail open (docs/audit.md), by
+  ``lockgate.route`` and ``lockgate.failed_open.reason`` (audit or policy).
 
 Recorded only where a reader takes them (``otlp_endpoint``: exported to ``.../v1/metrics`` every
 ``OTEL_METRIC_EXPORT_INTERVAL`` ms, 60 s by default); with none, nothing is measured and nothing costs.
@@ -42,8 +43,8 @@ class Metrics:
         self._duration = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
                                                 description="GenAI operation duration.")
         self._failed_open = meter.create_counter(
-            "lockgate.audit.failed_open", unit="{call}",
-            description="Calls served while the audit store could not be written (routes that fail open).")
+            "lockgate.failed_open", unit="{call}",
+            description="Calls served without a writable audit or a policy decision (routes that fail open).")
 
     def operation(self, attributes: dict[str, Any], input_tokens: int, output_tokens: int, duration_s: float,
                   error_type: str | None) -> None:
@@ -55,7 +56,7 @@ class Metrics:
                                                                                   "error.type": error_type})
 
     def failed_open(self, route: str, reason: str) -> None:
-        self._failed_open.add(1, {"lockgate.route": route, "lockgate.failed_open": reason})
+        self._failed_open.add(1, {"lockgate.route": route, "lockgate.failed_open.reason": reason})
 
     def shutdown(self) -> None:
         self.provider.shutdown()
