@@ -147,6 +147,8 @@ class Call:
     stream_cap: int = 0  # output events a stream may relay before it passes what was reserved (0: no cap)
     rate_headers: dict[str, str] | None = None  # x-ratelimit-* of the policy's per-minute limits
     failed_open: str | None = None  # "audit", "policy" or "policy,audit": what it was served without
+    policy_revision: str | None = None  # the policy that decided this call (a reload may come later)
+    shadow: dict[str, Any] | None = None  # the shadow policy's decision (policy_shadow_dir), never applied
     capture: str | None = None  # the policy's audit.content (hash | redacted | full), None when off
     request_body: bytes = b""  # kept only while content is captured
     reply_chunks: list[bytes] | None = None  # the reply as the client got it, while content is captured
@@ -186,7 +188,7 @@ class Pipeline:
     def __init__(self, *, keys: KeyStore, policy: PolicyStage, approvals: ApprovalQueue,
                  ledger: BudgetLedgerStore, router: Router, audit: AuditWriter, tracer: Tracer,
                  max_request_bytes: int, max_request_depth: int, responses: StoredResponses,
-                 holding: Holding, metrics: Metrics | None = None) -> None:
+                 holding: Holding, metrics: Metrics | None = None, shadow: PolicyStage | None = None) -> None:
         self.keys = keys
         self.policy = policy
         self.approvals = approvals
@@ -200,6 +202,7 @@ class Pipeline:
         self.responses = responses
         self.holding = holding
         self.metrics = metrics  # None: no reader takes metrics, so none are recorded
+        self.shadow = shadow  # a candidate policy evaluated beside the live one, never applied
 
     async def handle(self, request: Request, spec: EndpointSpec, serve: Serve | None = None) -> GovernedResponse:
         """Serve one call: through every stage, or, given ``serve``, authenticated and then served by
@@ -440,6 +443,9 @@ class Pipeline:
         estimate = self._estimate(facts, call.spec)
         call.policy_input = build_input(principal, facts, estimate, spend, rfc3339(call.now), call.run_id)
         span = self.tracer.start_span("policy.decide", attributes={"lockgate.policy.entrypoint": DECISION})
+        call.policy_revision = self.policy.revision  # the one that decides: a reload may follow
+        if self.shadow is not None:
+            call.shadow = self._shadow(call.policy_input)
         try:
             decision, call.raw_decision, reused = self.policy.decide(call.policy_input)
         except PolicyFailed as exc:
@@ -453,14 +459,14 @@ class Pipeline:
                                                              f"route {facts.model} fails open",)), False
         else:
             span.set_attributes({"lockgate.decision.allow": decision.allow,
-                                 "lockgate.policy.revision": self.policy.revision,
+                                 "lockgate.policy.revision": call.policy_revision,
                                  "lockgate.decision.reasons": decision.reasons,
                                  "lockgate.policy.reused": reused})
         finally:
             span.end()
         call.reasons = decision.reasons
         call.root.set_attributes({"lockgate.decision.allow": decision.allow,
-                                  "lockgate.policy.revision": self.policy.revision})
+                                  "lockgate.policy.revision": call.policy_revision})
         if not decision.allow:
             reasons = "; ".join(decision.reasons) or "no reason given"
             raise PolicyDenied(f"The policy denied this call: {reasons}")
@@ -663,6 +669,17 @@ class Pipeline:
         except AuditUnavailable:
             self._audit_away(call)
 
+    def _shadow(self, policy_input: Mapping[str, Any]) -> dict[str, Any]:
+        """The shadow policy's decision for this input, for the record (docs/policies.md)."""
+        assert self.shadow is not None
+        try:
+            decision, raw, _ = self.shadow.decide(policy_input)
+        except PolicyFailed as exc:
+            return {"revision": self.shadow.revision, "allow": None, "reasons": [], "decision": None,
+                    "error": exc.message}
+        return {"revision": self.shadow.revision, "allow": decision.allow, "reasons": list(decision.reasons),
+                "decision": raw if isinstance(raw, dict) else None, "error": None}
+
     def _audit_away(self, call: Call) -> None:
         """The audit cannot be written: refuse the call (fail closed), or, on a route configured to
         fail open for the audit, serve it marked (header, record field, span attribute, metric)."""
@@ -828,13 +845,14 @@ class Pipeline:
             "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
             "policy_input": call.policy_input,
             "decision": call.raw_decision if isinstance(call.raw_decision, dict) else None,
-            "policy_revision": self.policy.revision if call.policy_input is not None else None,
+            "policy_revision": call.policy_revision,
             "approval_id": approval.id if approval else None,
             "approved_by": approval.decided_by if approval and approval.decided_at and approval.status != "denied"
             else None,
             "approved_at": approval.decided_at if approval and approval.status != "denied" else None,
             "failed_open": call.failed_open,
             "content": self._content(call) if call.capture else None,
+            "shadow": call.shadow,
         })
 
 

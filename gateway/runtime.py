@@ -32,6 +32,7 @@ from gateway.pipeline import Holding, Pipeline
 from gateway.policy import PolicyStage
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.preflight import run_preflight
+from gateway.policy.reload import PolicyReloader
 from gateway.policy.source import default_policy_dir, load_policy_source
 from gateway.routing import Router, RoutingLimits
 from gateway.settings import Settings
@@ -64,8 +65,12 @@ class Runtime:
     pipeline: Pipeline
     reaper: LeaseReaper
     metrics: Metrics | None = None
+    shadow: PolicyStage | None = None  # the candidate policy of policy_shadow_dir
+    reloaders: tuple[PolicyReloader, ...] = ()
 
     async def close(self) -> None:
+        for reloader in self.reloaders:
+            await reloader.close()
         await self.reaper.close()
         await self.approvals.close()
         self.tracer_provider.shutdown()  # spans are already rows in the writer; this stops the extra processors
@@ -76,11 +81,18 @@ class Runtime:
         await self.engine.dispose()
         await self.direct.close()
         self.policy.engine.close()
+        if self.shadow is not None:
+            self.shadow.engine.close()
 
 
-def build_policy(settings: Settings) -> PolicyStage:
-    """Load, vet and compile the policy; raise StartupError with the reason if it cannot serve."""
-    folder = Path(settings.policy_dir) if settings.policy_dir else default_policy_dir()
+def policy_folder(settings: Settings) -> Path:
+    return Path(settings.policy_dir) if settings.policy_dir else default_policy_dir()
+
+
+def build_policy(settings: Settings, folder: Path | None = None) -> PolicyStage:
+    """Load, vet and compile the policy (of ``folder``, else the configured one); raise
+    StartupError with the reason if it cannot serve."""
+    folder = folder or policy_folder(settings)
     try:
         source = load_policy_source(folder, settings.models)
         run_preflight(source)
@@ -140,6 +152,7 @@ async def open_direct_statements(settings: Settings) -> DirectStatements:
 async def build_runtime(settings: Settings, extra_span_processors: Sequence[SpanProcessor] = (),
                         metric_readers: Sequence[MetricReader] = ()) -> Runtime:
     policy = build_policy(settings)
+    shadow = build_policy(settings, Path(settings.policy_shadow_dir)) if settings.policy_shadow_dir else None
     engine = await open_store(settings)
     try:
         direct = await open_direct_statements(settings)
@@ -198,11 +211,19 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
                         audit=audit, tracer=tracer, max_request_bytes=settings.max_request_bytes,
                         max_request_depth=settings.max_request_depth, responses=StoredResponses(engine, audit),
                         holding=Holding(hold_s=settings.approval_hold_s, keepalive_s=settings.approval_keepalive_s,
-                                        lease_s=settings.reservation_lease_s), metrics=metrics)
+                                        lease_s=settings.reservation_lease_s), metrics=metrics, shadow=shadow)
     audit.start()
     reaper = LeaseReaper(ledger, tracer, interval_s=max(0.5, min(30.0, settings.reservation_lease_s / 10)))
     reaper.start()
+    reloaders = tuple(
+        PolicyReloader(stage, folder, lambda f: load_policy_source(f, settings.models), run_preflight, EmbeddedEngine,
+                       tracer, settings.policy_reload_interval_s, name)
+        for stage, folder, name in ((policy, policy_folder(settings), "live"),
+                                    (shadow, Path(settings.policy_shadow_dir or "."), "shadow"))
+        if stage is not None)
+    for reloader in reloaders:
+        reloader.start()
     return Runtime(settings=settings, engine=engine, direct=direct, http=http,
                    tracer_provider=tracer_provider, audit=audit,
                    keys=keys, approvals=approvals, ledger=ledger, policy=policy, router=router, pipeline=pipeline,
-                   reaper=reaper, metrics=metrics)
+                   reaper=reaper, metrics=metrics, shadow=shadow, reloaders=reloaders)

@@ -192,6 +192,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("policy_dir", None,
             "Folder of .rego and .json policy files; default: the policies shipped with Lockgate.",
             _optional_str),
+    Setting("policy_shadow_dir", None,
+            "A candidate policy folder evaluated beside the live one on every call: its decision is recorded "
+            "(the record's shadow) and never applied; `lockgate policy shadow-report` lists disagreements.",
+            _optional_str),
+    Setting("policy_reload_interval_s", 2.0,
+            "Seconds between looks for a changed policy folder (and shadow folder); a change is vetted, compiled "
+            "and swapped in without dropping a call, a failing one rejected. 0 turns hot reload off.",
+            _positive(float)),
     Setting("models", DEFAULT_MODELS,
             "Model catalog: list of {name, provider, upstream_model, base_url, api_key_env, api_version, "
             "input_usd_per_mtok, output_usd_per_mtok, timeout_s, deployments}; each of `deployments` "

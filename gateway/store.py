@@ -155,6 +155,9 @@ class DecisionRecord(SQLModel, table=True):
     failed_open: str | None = None
     # Prompt and reply as the policy's audit.content asked (hash, redacted or full); none by default.
     content: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # The shadow policy's decision (setting policy_shadow_dir): revision, allow, reasons, decision,
+    # error. Recorded, never applied; `lockgate policy shadow-report` lists disagreements.
+    shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 DECISION_COLUMNS = tuple(c.name for c in DecisionRecord.__table__.columns)  # type: ignore[attr-defined]

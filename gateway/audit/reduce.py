@@ -20,7 +20,7 @@ MAX_ROW_BYTES = 1024 * 1024  # a journaled row longer than this is reduced befor
 MAX_JSON_BYTES = 512 * 1024  # a JSON column kept as given, in a reduced record
 MAX_TEXT_CHARS = 4096  # a text column kept as given, in a reduced record
 INT64 = (-(2**63), 2**63 - 1)
-DECISION_JSON = ("policy_input", "decision", "content")
+DECISION_JSON = ("policy_input", "decision", "content", "shadow")
 SPAN_JSON = ("attributes", "events")
 # What a skeleton keeps: enough to find the call and see it was served, refused or failed.
 IDENTITY = ("id", "trace_id", "created_at", "outcome", "status_code", "endpoint", "key_id", "user", "team", "org",

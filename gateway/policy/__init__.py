@@ -202,8 +202,19 @@ class PolicyStage:
     def __init__(self, engine: PolicyEngine, cache_size: int = 0, revision: str = "") -> None:
         self.engine = engine
         self.revision = revision  # recorded on every decision record and root span
+        self._cache_size = cache_size
         reads = engine.input_reads
         self.cache = DecisionCache(reads, cache_size) if reads is not None and cache_size > 0 else None
+
+    def swap(self, engine: PolicyEngine, revision: str) -> PolicyEngine:
+        """Serve ``engine`` (policy ``revision``) from the next decision on, with an empty decision
+        cache; the engine it replaces is returned, for the caller to close (gateway/policy/reload.py).
+        Decisions are taken without an await, so no call sees half of a swap."""
+        old = self.engine
+        reads = engine.input_reads
+        cache = DecisionCache(reads, self._cache_size) if reads is not None and self._cache_size > 0 else None
+        self.engine, self.revision, self.cache = engine, revision, cache
+        return old
 
     def decide(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Any, bool]:
         """The decision, the raw answer (kept for the audit record), and whether it was reused

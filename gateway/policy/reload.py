@@ -1,0 +1,111 @@
+"""Hot reload: a changed policy folder is loaded, vetted, compiled and swapped in between two calls.
+
+Every ``policy_reload_interval_s`` the reloader looks at the folder's files (names, sizes, change
+times; nothing is read while nothing changed). When they changed, it loads the folder, and if its
+revision (the content hash of rules and data) differs from the one serving, it vets it exactly as
+start-up does (the preflight evaluation in a child process, then compiling) and swaps the new
+engine in with ``PolicyStage.swap``: no call is dropped, since a decision is taken without an
+await, and each call records the revision that decided it. A folder that fails is rejected: the
+previous policy keeps serving. Both events are audited as spans of their own trace
+(``lockgate.policy.reloaded``, ``lockgate.policy.reload_rejected``) and logged. docs/policies.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from opentelemetry.trace import Status, StatusCode, Tracer
+
+from gateway.policy import PolicyEngine, PolicyStage
+from gateway.policy.source import PolicySource
+
+log = logging.getLogger("lockgate.policy")
+
+# Builds a vetted, compiled engine for a source (raises ValueError or RuntimeError with the reason);
+# the loader reads a folder into a source (raises ValueError).
+Compile = Callable[[PolicySource], PolicyEngine]
+Vet = Callable[[PolicySource], None]
+Load = Callable[[Path], PolicySource]
+
+
+def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """What changes when a file of the folder is added, removed, replaced or written."""
+    try:
+        return tuple(sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns, p.stat().st_size)
+                            for p in folder.rglob("*") if p.is_file()))
+    except OSError:
+        return ()
+
+
+class PolicyReloader:
+    def __init__(self, stage: PolicyStage, folder: Path, load: Load, vet: Vet, compile_engine: Compile,
+                 tracer: Tracer, interval_s: float, name: str = "live") -> None:
+        self._stage = stage
+        self._folder = folder
+        self._load = load
+        self._vet = vet
+        self._compile = compile_engine
+        self._tracer = tracer
+        self._interval = interval_s
+        self._name = name  # "live" or "shadow"
+        self._seen = fingerprint(folder)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._interval > 0:
+            self._task = asyncio.create_task(self._run(), name=f"lockgate-policy-reload-{self._name}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check()
+            except Exception:  # never let the reloader die: the next look may succeed
+                log.exception("looking for a changed %s policy in %s failed", self._name, self._folder)
+
+    async def check(self) -> str | None:
+        """Reload if the folder changed: the new revision if it was swapped in, else None."""
+        seen = fingerprint(self._folder)
+        if seen == self._seen:
+            return None
+        self._seen = seen
+        previous = self._stage.revision
+        try:
+            source = await asyncio.to_thread(self._load, self._folder)
+            if source.revision == previous:
+                return None
+            await asyncio.to_thread(self._vet, source)  # a child process: never blocks the loop
+            engine = self._compile(source)  # here, on the loop's thread: the engine is used only from it
+        except (ValueError, RuntimeError) as exc:
+            self._event("lockgate.policy.reload_rejected", previous, None, str(exc))
+            log.error("the changed %s policy in %s was rejected; revision %s keeps serving: %s",
+                      self._name, self._folder, previous, exc)
+            return None
+        old = self._stage.swap(engine, source.revision)
+        old.close()
+        self._event("lockgate.policy.reloaded", previous, source.revision, None)
+        log.warning("%s policy reloaded from %s: revision %s replaces %s", self._name, self._folder,
+                    source.revision, previous)
+        return source.revision
+
+    def _event(self, name: str, previous: str, revision: str | None, error: str | None) -> None:
+        attributes = {"lockgate.policy.folder": str(self._folder), "lockgate.policy.role": self._name,
+                      "lockgate.policy.previous_revision": previous}
+        if revision is not None:
+            attributes["lockgate.policy.revision"] = revision
+        span = self._tracer.start_span(name, attributes=attributes)
+        if error is not None:
+            span.set_attribute("error.type", "PolicyRejected")
+            span.set_status(Status(StatusCode.ERROR, error[:2000]))
+        span.end()
