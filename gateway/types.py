@@ -238,3 +238,6 @@ class RemotePolicyEngine(PolicyEngine, Protocol):
     async def ready(self) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+    async def retire(self) -> None:
+        """Close once the queries in flight can have ended (after a swap)."""

@@ -217,7 +217,8 @@ class PolicyStage:
     def swap(self, engine: PolicyEngine, revision: str) -> PolicyEngine:
         """Serve ``engine`` (policy ``revision``) from the next decision on, with an empty decision
         cache; the engine it replaces is returned, for the caller to close (gateway/policy/reload.py).
-        Decisions are taken without an await, so no call sees half of a swap."""
+        An embedded decision is taken without an await, and a remote one keeps the engine and cache
+        it started with, so no call sees half of a swap."""
         old = self.engine
         reads = engine.input_reads
         cache = DecisionCache(reads, self._cache_size) if reads is not None and self._cache_size > 0 else None
@@ -241,18 +242,21 @@ class PolicyStage:
             raw = self.engine.evaluate(DECISION, policy_input)
         except PolicyEngineError as exc:
             raise PolicyFailed(f"The policy could not be evaluated, so the call was denied: {exc}") from exc
-        return self._decided(key, raw)
+        return self._decided(key, raw, self.cache)
 
     async def decide_async(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Any, bool]:
         """``decide`` on a remote engine: the same cache, shape checks and failures."""
+        # The engine and cache of this moment: a swap during the await must not put the previous
+        # policy's answer into the new policy's cache.
+        engine, cache = self._remote, self.cache
         key, known = self._reused(policy_input)
         if known is not None:
             return known
         try:
-            raw = await self._remote.evaluate_async(DECISION, policy_input)
+            raw = await engine.evaluate_async(DECISION, policy_input)
         except PolicyEngineError as exc:
             raise PolicyFailed(f"The policy could not be evaluated, so the call was denied: {exc}") from exc
-        return self._decided(key, raw)
+        return self._decided(key, raw, cache)
 
     @property
     def _remote(self) -> RemotePolicyEngine:
@@ -266,13 +270,14 @@ class PolicyStage:
                 return key, (known[0], known[1], True)
         return key, None
 
-    def _decided(self, key: bytes | None, raw: Any) -> tuple[Decision, Any, bool]:
+    @staticmethod
+    def _decided(key: bytes | None, raw: Any, cache: DecisionCache | None) -> tuple[Decision, Any, bool]:
         try:
             decision = parse_decision(raw)
         except PolicyEngineError as exc:
             raise PolicyFailed(f"The policy could not be evaluated, so the call was denied: {exc}") from exc
-        if key is not None:
-            self.cache.put(key, (decision, raw))  # type: ignore[union-attr]
+        if key is not None and cache is not None:
+            cache.put(key, (decision, raw))
         return decision, raw, False
 
     @property

@@ -208,6 +208,11 @@ class OpaEngine:
     def close(self) -> None:
         """Nothing to drop synchronously: the session is closed by ``aclose``."""
 
+    async def retire(self) -> None:
+        """Close once every query still in flight has had its timeout (a hot reload swapped it out)."""
+        await asyncio.sleep(self.config.timeout_s)
+        await self.aclose()
+
     async def aclose(self) -> None:
         if self._open:
             self._open = False

@@ -98,8 +98,8 @@ class PolicyReloader:
             return None
         old = self._stage.swap(engine, source.revision)
         old.close()
-        if old.remote:
-            await cast(RemotePolicyEngine, old).aclose()
+        if old.remote:  # once the queries still in flight on it have had their time
+            await cast(RemotePolicyEngine, old).retire()
         self._event("lockgate.policy.reloaded", previous, source.revision, None)
         log.warning("%s policy reloaded from %s: revision %s replaces %s", self._name, self._folder,
                     source.revision, previous)
