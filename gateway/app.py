@@ -6,7 +6,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor
@@ -33,7 +33,7 @@ from gateway.runtime import Runtime, build_runtime
 from gateway.settings import Settings
 from gateway.store import rfc3339
 from gateway.stored_responses import StoredResponseEndpoint
-from gateway.types import CallFacts, Principal
+from gateway.types import CallFacts, Principal, RemotePolicyEngine
 
 log = logging.getLogger("lockgate.app")
 ALIASES = "data.lockgate.aliases"
@@ -49,10 +49,10 @@ def _models_input(principal: Principal, model: str, now: str) -> dict[str, Any]:
     return build_input(principal, facts, 0, {}, now)
 
 
-def _aliases(runtime: Runtime, principal: Principal, now: str) -> dict[str, str]:
+async def _aliases(runtime: Runtime, principal: Principal, now: str) -> dict[str, str]:
     """The model aliases the policy offers (``data.lockgate.aliases``: alias -> catalog model), or none."""
     try:
-        aliases = runtime.policy.engine.evaluate(ALIASES, _models_input(principal, "", now))
+        aliases = await runtime.policy.evaluate_async(ALIASES, _models_input(principal, "", now))
     except PolicyEngineError:
         log.exception("policy failed while reading %s; no aliases are listed", ALIASES)
         return {}
@@ -61,12 +61,13 @@ def _aliases(runtime: Runtime, principal: Principal, now: str) -> dict[str, str]
     return {name: model for name, model in aliases.items() if isinstance(name, str) and isinstance(model, str)}
 
 
-def _model_entry(runtime: Runtime, principal: Principal, name: str, now: str) -> dict[str, Any] | None:
+async def _model_entry(runtime: Runtime, principal: Principal, name: str, now: str) -> dict[str, Any] | None:
     """``name`` (a catalog model or an alias) as /v1/models shows it, if the policy lets this key
     use it and it routes to a model of the catalog. Asked as a call's decision is
     (``PolicyStage.decide``), so a listing the policy cannot tell from an earlier one reuses it."""
     try:
-        decision, _, _ = runtime.policy.decide(_models_input(principal, name, now))
+        policy, policy_input = runtime.policy, _models_input(principal, name, now)
+        decision, _, _ = await policy.decide_async(policy_input) if policy.remote else policy.decide(policy_input)
     except PolicyFailed:
         log.exception("policy failed while listing models; %s is not listed", name)
         return None
@@ -81,8 +82,8 @@ def _model_entry(runtime: Runtime, principal: Principal, name: str, now: str) ->
 async def list_models(request: Request, call: Call) -> Response:
     """The catalog models and aliases this caller's key may use, as the policy decides for each."""
     runtime, principal, now = _runtime(request), _caller(call), rfc3339(call.now)
-    names = dict.fromkeys([*runtime.router.catalog, *_aliases(runtime, principal, now)])
-    data = [entry for name in names if (entry := _model_entry(runtime, principal, name, now)) is not None]
+    names = dict.fromkeys([*runtime.router.catalog, *await _aliases(runtime, principal, now)])
+    data = [entry for name in names if (entry := await _model_entry(runtime, principal, name, now)) is not None]
     return JSONResponse({"object": "list", "data": data}, headers=call.headers())
 
 
@@ -91,8 +92,8 @@ async def retrieve_model(request: Request, call: Call) -> Response:
     runtime, principal, now = _runtime(request), _caller(call), rfc3339(call.now)
     name = request.path_params["model_id"]
     entry = None
-    if name in runtime.router.catalog or name in _aliases(runtime, principal, now):
-        entry = _model_entry(runtime, principal, name, now)
+    if name in runtime.router.catalog or name in await _aliases(runtime, principal, now):
+        entry = await _model_entry(runtime, principal, name, now)
     if entry is None:
         shown = name[:MAX_MODEL_CHARS] if name.isprintable() else "(unprintable)"
         raise ModelNotFound(f"The model '{shown}' does not exist or you do not have access to it.", param="model")
@@ -129,7 +130,8 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready when the store answers on both paths (SQLAlchemy's engine and the hot path's own
-    connection); the policy was compiled before the app started."""
+    connection) and, with the OPA engine, OPA answers its health check; an embedded policy was
+    compiled before the app started."""
     runtime = _runtime(request)
     try:
         async with runtime.engine.connect() as connection:
@@ -138,6 +140,10 @@ async def readyz(request: Request) -> Response:
     except Exception:
         log.exception("readiness check: the store does not answer")
         return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
+    policy = runtime.policy
+    if policy.remote and not await cast(RemotePolicyEngine, policy.engine).ready():
+        log.error("readiness check: the OPA policy engine does not answer")
+        return JSONResponse({"status": "unavailable", "policy": "unreachable"}, status_code=503)
     return JSONResponse({"status": "ready"})
 
 

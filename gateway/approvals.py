@@ -249,7 +249,9 @@ class ApprovalQueue:
         if approval.status != "pending":
             raise ApprovalConflict(f"Approval {approval.id} is {approval.status}; only a pending approval can be "
                                    "decided.")
-        if not self._policy.may_approve(public(approval), decider):
+        policy = self._policy
+        if not (await policy.may_approve_async(public(approval), decider) if policy.remote
+                else policy.may_approve(public(approval), decider)):
             raise DecisionRefused(f"The policy does not let {decider.user} (team {decider.team}) decide approval "
                                   f"{approval.id}; its approvers are {', '.join(approval.approvers) or 'not named'}.")
         values: dict[str, Any] = {"status": "approved" if approve else "denied", "decided_by": decider.user,

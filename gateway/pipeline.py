@@ -443,11 +443,15 @@ class Pipeline:
         estimate = self._estimate(facts, call.spec)
         call.policy_input = build_input(principal, facts, estimate, spend, rfc3339(call.now), call.run_id)
         span = self.tracer.start_span("policy.decide", attributes={"lockgate.policy.entrypoint": DECISION})
-        call.policy_revision = self.policy.revision  # the one that decides: a reload may follow
+        policy = self.policy
+        call.policy_revision = policy.revision  # the one that decides: a reload may follow
         if self.shadow is not None:
             call.shadow = self._shadow(call.policy_input)
         try:
-            decision, call.raw_decision, reused = self.policy.decide(call.policy_input)
+            if policy.remote:  # OPA: awaited; the embedded engine is asked with no coroutine on its path
+                decision, call.raw_decision, reused = await policy.decide_async(call.policy_input)
+            else:
+                decision, call.raw_decision, reused = policy.decide(call.policy_input)
         except PolicyFailed as exc:
             span.set_attribute("error.type", type(exc).__name__)
             span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -531,8 +535,21 @@ class Pipeline:
         raises if it withholds the reply; the approval the reply needs before release, if any."""
         if not reply.tool_calls:
             return None
-        review = self.policy.review_response({**(call.policy_input or {}), "response": {
-            "tool_calls": list(reply.tool_calls), "finish_reasons": list(reply.finish_reasons)}})
+        return self._reviewed(self.policy.review_response(self._review_input(reply, call)), call)
+
+    async def _review_async(self, reply: ReplyFacts, call: Call) -> ApprovalRequirement | None:
+        """``_review`` on a remote policy engine (OPA)."""
+        if not reply.tool_calls:
+            return None
+        return self._reviewed(await self.policy.review_response_async(self._review_input(reply, call)), call)
+
+    @staticmethod
+    def _review_input(reply: ReplyFacts, call: Call) -> dict[str, Any]:
+        return {**(call.policy_input or {}), "response": {
+            "tool_calls": list(reply.tool_calls), "finish_reasons": list(reply.finish_reasons)}}
+
+    @staticmethod
+    def _reviewed(review: Decision | None, call: Call) -> ApprovalRequirement | None:
         if review is None:
             return None
         if not review.allow:
@@ -542,7 +559,7 @@ class Pipeline:
 
     async def _inspect(self, reply: ReplyFacts, call: Call) -> None:
         """Stage 7 for a whole reply: reviewed, and held for its approval if it needs one."""
-        requirement = self._review(reply, call)
+        requirement = await self._review_async(reply, call) if self.policy.remote else self._review(reply, call)
         if requirement is not None:
             approval = await self._open_reply_approval(call, reply, requirement)
             await self._release(call, reply, await self.approvals.wait(approval.id, self.holding.hold_s))
@@ -601,7 +618,8 @@ class Pipeline:
                     if not reader.terminated:
                         continue
                     # Refused: the error event replaces what is held.
-                    requirement = self._review(reader.facts, call)
+                    requirement = (await self._review_async(reader.facts, call) if self.policy.remote
+                                   else self._review(reader.facts, call))
                     if requirement is not None:
                         approval: Approval | None = await self._open_reply_approval(call, reader.facts, requirement)
                         while approval is not None and approval.status == "pending":

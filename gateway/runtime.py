@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -31,14 +32,15 @@ from gateway.budgets import BudgetLedgerStore, LeaseReaper
 from gateway.pipeline import Holding, Pipeline
 from gateway.policy import PolicyStage
 from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.opa import OpaConfig, OpaEngine
 from gateway.policy.preflight import run_preflight
-from gateway.policy.reload import PolicyReloader
-from gateway.policy.source import default_policy_dir, load_policy_source
+from gateway.policy.reload import BundleWatcher, PolicyReloader
+from gateway.policy.source import PolicySource, default_policy_dir, load_policy_source
 from gateway.routing import Router, RoutingLimits
 from gateway.settings import Settings
 from gateway.store import DirectStatements, create_store_engine, create_tables
 from gateway.stored_responses import StoredResponses
-from gateway.types import Provider
+from gateway.types import Provider, RemotePolicyEngine
 from gateway.upstream import UpstreamClient, build_http_client
 from gateway.webhook import Webhook
 
@@ -66,7 +68,7 @@ class Runtime:
     reaper: LeaseReaper
     metrics: Metrics | None = None
     shadow: PolicyStage | None = None  # the candidate policy of policy_shadow_dir
-    reloaders: tuple[PolicyReloader, ...] = ()
+    reloaders: tuple[PolicyReloader | BundleWatcher, ...] = ()
 
     async def close(self) -> None:
         for reloader in self.reloaders:
@@ -80,9 +82,15 @@ class Runtime:
         await self.http.aclose()
         await self.engine.dispose()
         await self.direct.close()
-        self.policy.engine.close()
+        await close_policy(self.policy)
         if self.shadow is not None:
             self.shadow.engine.close()
+
+
+async def close_policy(stage: PolicyStage) -> None:
+    stage.engine.close()
+    if stage.remote:
+        await cast(RemotePolicyEngine, stage.engine).aclose()
 
 
 def policy_folder(settings: Settings) -> Path:
@@ -99,6 +107,31 @@ def build_policy(settings: Settings, folder: Path | None = None) -> PolicyStage:
         return PolicyStage(EmbeddedEngine(source), settings.policy_cache_size, source.revision)
     except (ValueError, RuntimeError) as exc:
         raise StartupError(f"policy in {folder} cannot be used: {exc}") from None
+
+
+def opa_config(settings: Settings) -> OpaConfig:
+    return OpaConfig(url=settings.opa_url, mode=settings.opa_mode, timeout_s=settings.opa_timeout_s,
+                     token=settings.secret(settings.opa_token_env))
+
+
+async def build_live_policy(settings: Settings) -> PolicyStage:
+    """The policy that decides, on the configured engine: embedded (``build_policy``), or an OPA
+    server the policy is pushed to or that serves the team's bundle (gateway/policy/opa.py)."""
+    if settings.policy_engine != "opa":
+        return build_policy(settings)
+    config, folder = opa_config(settings), policy_folder(settings)
+    engine: OpaEngine | None = None
+    try:
+        engine = OpaEngine(config, load_policy_source(folder, settings.models) if config.mode == "push" else None)
+        await engine.start()
+    except (ValueError, RuntimeError) as exc:
+        if engine is not None:
+            await engine.aclose()
+        what = f"policy in {folder}, pushed to OPA at {config.url}," if config.mode == "push" \
+            else f"the bundle OPA serves at {config.url}"
+        raise StartupError(f"{what} cannot be used: {exc}") from None
+    log.info("policy engine: OPA at %s (%s mode), revision %s", config.url, config.mode, engine.revision)
+    return PolicyStage(engine, settings.policy_cache_size, engine.revision)
 
 
 def journal_folder(settings: Settings) -> Path:
@@ -151,13 +184,20 @@ async def open_direct_statements(settings: Settings) -> DirectStatements:
 
 async def build_runtime(settings: Settings, extra_span_processors: Sequence[SpanProcessor] = (),
                         metric_readers: Sequence[MetricReader] = ()) -> Runtime:
-    policy = build_policy(settings)
+    # The shadow policy is always evaluated in process: pushed to the same OPA, its packages would
+    # collide with the live ones.
     shadow = build_policy(settings, Path(settings.policy_shadow_dir)) if settings.policy_shadow_dir else None
-    engine = await open_store(settings)
+    policy = await build_live_policy(settings)
+    try:
+        engine = await open_store(settings)
+    except StartupError:
+        await close_policy(policy)
+        raise
     try:
         direct = await open_direct_statements(settings)
     except StartupError:
         await engine.dispose()
+        await close_policy(policy)
         raise
     journal_root = journal_folder(settings)
     try:
@@ -165,6 +205,7 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     except OSError as exc:
         await engine.dispose()
         await direct.close()
+        await close_policy(policy)
         raise StartupError(f"cannot open the audit journal in {journal_root}: {exc.strerror}") from None
     audit = AuditWriter(direct, settings.audit_flush_interval_s, settings.audit_batch_size, journal,
                         checkpoint_key=settings.secret(settings.audit_key_env))
@@ -195,6 +236,7 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
         await http.aclose()
         await engine.dispose()
         await direct.close()
+        await close_policy(policy)
         raise StartupError(str(exc)) from None
     keys = KeyStore(engine, settings.auth_cache_ttl_s)
     webhook = None
@@ -215,12 +257,24 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     audit.start()
     reaper = LeaseReaper(ledger, tracer, interval_s=max(0.5, min(30.0, settings.reservation_lease_s / 10)))
     reaper.start()
-    reloaders = tuple(
-        PolicyReloader(stage, folder, lambda f: load_policy_source(f, settings.models), run_preflight, EmbeddedEngine,
-                       tracer, settings.policy_reload_interval_s, name)
-        for stage, folder, name in ((policy, policy_folder(settings), "live"),
-                                    (shadow, Path(settings.policy_shadow_dir or "."), "shadow"))
-        if stage is not None)
+    def load(folder: Path) -> PolicySource:
+        return load_policy_source(folder, settings.models)
+
+    watchers: list[PolicyReloader | BundleWatcher] = []
+    if not policy.remote:
+        watchers.append(PolicyReloader(policy, policy_folder(settings), load, run_preflight, EmbeddedEngine, tracer,
+                                       settings.policy_reload_interval_s, "live"))
+    elif settings.opa_mode == "push":  # OPA compiles what is pushed: no child-process evaluation by regorus
+        config = opa_config(settings)
+        watchers.append(PolicyReloader(policy, policy_folder(settings), load, lambda source: None,
+                                       lambda source: OpaEngine(config, source), tracer,
+                                       settings.policy_reload_interval_s, "live"))
+    else:
+        watchers.append(BundleWatcher(policy, tracer, settings.policy_reload_interval_s))
+    if shadow is not None:
+        watchers.append(PolicyReloader(shadow, Path(settings.policy_shadow_dir), load, run_preflight, EmbeddedEngine,
+                                       tracer, settings.policy_reload_interval_s, "shadow"))
+    reloaders = tuple(watchers)
     for reloader in reloaders:
         reloader.start()
     return Runtime(settings=settings, engine=engine, direct=direct, http=http,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -172,6 +173,20 @@ def _optional_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
 
+def _opa_url(value: Any) -> str | None:
+    """``http(s)://host:port`` of an OPA server: opa-python-client roots its API at ``/v1`` of it."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected http://HOST:PORT or https://HOST:PORT, got {value!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"an OPA URL takes no path, query or credentials (OPA's API is at /v1), got {value!r}")
+    _ = parts.port  # raises ValueError on a port out of range
+    return text.rstrip("/")
+
+
 FAIL_OPEN = frozenset({"audit", "policy"})  # what a route may be configured to serve through (fail_open)
 
 
@@ -182,7 +197,8 @@ DEFAULT_MODELS: list[dict[str, Any]] = [
      "input_usd_per_mtok": 2.50, "output_usd_per_mtok": 10.00},
 ]
 
-SECRET_ENV_NAMES = ("CONFIG", "API_KEY", "WEBHOOK_SECRET", "AUDIT_KEY")  # LOCKGATE_* variables that are no setting
+# LOCKGATE_* variables that are no setting
+SECRET_ENV_NAMES = ("CONFIG", "API_KEY", "WEBHOOK_SECRET", "AUDIT_KEY", "OPA_TOKEN")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", "Address the gateway listens on.", str),
@@ -200,6 +216,21 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between looks for a changed policy folder (and shadow folder); a change is vetted, compiled "
             "and swapped in without dropping a call, a failing one rejected. 0 turns hot reload off.",
             _positive(float)),
+    Setting("policy_engine", "embedded",
+            "The Rego engine that decides: `embedded` (regorus, in process) or `opa` (an OPA server at "
+            "`opa_url`, through opa-python-client). Both evaluate the same policy files; see docs/policies.md.",
+            _choice("embedded", "opa")),
+    Setting("opa_url", None, "The OPA server of `policy_engine: opa`, as http(s)://HOST:PORT.", _opa_url),
+    Setting("opa_mode", "push",
+            "`push`: at start-up (and on each hot reload) the gateway uploads the policy folder's modules and "
+            "data, the catalog included, to OPA; `bundle`: OPA already serves the team's bundle and the "
+            "gateway only queries it (decisions are then not reused).", _choice("push", "bundle")),
+    Setting("opa_timeout_s", 1.0,
+            "Seconds one OPA query may take, connection included; a slower answer denies the call (503 "
+            "`policy_error`).", _above_zero(float)),
+    Setting("opa_token_env", "LOCKGATE_OPA_TOKEN",
+            "Environment variable holding the bearer token sent to OPA (none when it is unset or empty); "
+            "the token is never logged or recorded.", str),
     Setting("models", DEFAULT_MODELS,
             "Model catalog: list of {name, provider, upstream_model, base_url, api_key_env, api_version, "
             "input_usd_per_mtok, output_usd_per_mtok, timeout_s, deployments}; each of `deployments` "
@@ -362,6 +393,8 @@ def load_settings(config_path: str | Path | None = None, environ: Mapping[str, s
             values[setting.name] = _parse(setting, file_values[setting.name], str(path))
         else:
             values[setting.name] = _parse(setting, setting.default, "default")
+    if values["policy_engine"] == "opa" and not values["opa_url"]:
+        raise SettingsError("setting policy_engine is opa, so opa_url must name the OPA server")
     return Settings(values, environ)
 
 

@@ -212,7 +212,10 @@ class Provider(Protocol):
 
 
 class PolicyEngine(Protocol):
-    """Evaluates one Rego entrypoint for one input document."""
+    """Evaluates one Rego entrypoint for one input document. An engine with ``remote`` set answers
+    only through ``RemotePolicyEngine.evaluate_async`` (gateway/policy/opa.py)."""
+
+    remote: bool
 
     def evaluate(self, entrypoint: str, policy_input: Mapping[str, Any]) -> Any: ...
 
@@ -223,3 +226,18 @@ class PolicyEngine(Protocol):
         """The input paths the policy can read, or None if its answers must not be reused."""
 
     def close(self) -> None: ...
+
+
+class RemotePolicyEngine(PolicyEngine, Protocol):
+    """A policy engine reached over the network: every evaluation is awaited."""
+
+    async def evaluate_async(self, entrypoint: str, policy_input: Mapping[str, Any]) -> Any: ...
+
+    async def start(self) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+    async def retire(self) -> None:
+        """Close once the queries in flight can have ended (after a swap)."""

@@ -61,3 +61,25 @@ def test_provider_keys_come_from_the_named_variable_only() -> None:
     settings = load_settings(environ={"OPENAI_API_KEY": "sk-test"})
     assert settings.secret("OPENAI_API_KEY") == "sk-test"
     assert settings.secret("") == ""
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"LOCKGATE_POLICY_ENGINE": "opa"}, "opa_url must name the OPA server"),
+    ({"LOCKGATE_POLICY_ENGINE": "rego"}, "expected one of embedded, opa"),
+    ({"LOCKGATE_OPA_URL": "127.0.0.1:8181"}, "expected http://HOST:PORT"),
+    ({"LOCKGATE_OPA_URL": "http://opa:8181/v1"}, "takes no path"),
+    ({"LOCKGATE_OPA_URL": "http://user:pw@opa:8181"}, "takes no path, query or credentials"),
+    ({"LOCKGATE_OPA_MODE": "pull"}, "expected one of push, bundle"),
+    ({"LOCKGATE_OPA_TIMEOUT_S": "0"}, "must be more than zero"),
+])
+def test_opa_engine_settings_are_checked(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(environ=environ)
+
+
+def test_opa_engine_settings_parse() -> None:
+    settings = load_settings(environ={"LOCKGATE_POLICY_ENGINE": "opa", "LOCKGATE_OPA_URL": "https://opa.internal:8181/",
+                                      "LOCKGATE_OPA_TOKEN": "t"})
+    assert (settings.policy_engine, settings.opa_url, settings.opa_mode, settings.opa_timeout_s) == (
+        "opa", "https://opa.internal:8181", "push", 1.0)
+    assert settings.secret(settings.opa_token_env) == "t"

@@ -10,13 +10,21 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from gateway.audit.content import MODES as CONTENT_MODES
 from gateway.errors import PolicyFailed
 from gateway.policy.cache import DecisionCache
 from gateway.policy.embedded import PolicyEngineError
-from gateway.types import ApprovalRequirement, Budget, CallFacts, Decision, PolicyEngine, Principal
+from gateway.types import (
+    ApprovalRequirement,
+    Budget,
+    CallFacts,
+    Decision,
+    PolicyEngine,
+    Principal,
+    RemotePolicyEngine,
+)
 
 log = logging.getLogger("lockgate.policy")
 
@@ -209,28 +217,67 @@ class PolicyStage:
     def swap(self, engine: PolicyEngine, revision: str) -> PolicyEngine:
         """Serve ``engine`` (policy ``revision``) from the next decision on, with an empty decision
         cache; the engine it replaces is returned, for the caller to close (gateway/policy/reload.py).
-        Decisions are taken without an await, so no call sees half of a swap."""
+        An embedded decision is taken without an await, and a remote one keeps the engine and cache
+        it started with, so no call sees half of a swap."""
         old = self.engine
         reads = engine.input_reads
         cache = DecisionCache(reads, self._cache_size) if reads is not None and self._cache_size > 0 else None
         self.engine, self.revision, self.cache = engine, revision, cache
         return old
 
+    @property
+    def remote(self) -> bool:
+        """The engine answers over the network (OPA): the pipeline then awaits ``decide_async``,
+        ``review_response_async`` and ``may_approve_async``; the embedded engine is asked
+        synchronously, with no coroutine on its path."""
+        return self.engine.remote
+
     def decide(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Any, bool]:
         """The decision, the raw answer (kept for the audit record), and whether it was reused
         from an earlier input that agrees with this one on every part the policy reads."""
+        key, known = self._reused(policy_input)
+        if known is not None:
+            return known
+        try:
+            raw = self.engine.evaluate(DECISION, policy_input)
+        except PolicyEngineError as exc:
+            raise PolicyFailed(f"The policy could not be evaluated, so the call was denied: {exc}") from exc
+        return self._decided(key, raw, self.cache)
+
+    async def decide_async(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Any, bool]:
+        """``decide`` on a remote engine: the same cache, shape checks and failures."""
+        # The engine and cache of this moment: a swap during the await must not put the previous
+        # policy's answer into the new policy's cache.
+        engine, cache = self._remote, self.cache
+        key, known = self._reused(policy_input)
+        if known is not None:
+            return known
+        try:
+            raw = await engine.evaluate_async(DECISION, policy_input)
+        except PolicyEngineError as exc:
+            raise PolicyFailed(f"The policy could not be evaluated, so the call was denied: {exc}") from exc
+        return self._decided(key, raw, cache)
+
+    @property
+    def _remote(self) -> RemotePolicyEngine:
+        return cast(RemotePolicyEngine, self.engine)
+
+    def _reused(self, policy_input: Mapping[str, Any]) -> tuple[bytes | None, tuple[Decision, Any, bool] | None]:
         key = self.cache.key(policy_input) if self.cache is not None else None
         if key is not None:
             known = self.cache.get(key)  # type: ignore[union-attr]
             if known is not None:
-                return known[0], known[1], True
+                return key, (known[0], known[1], True)
+        return key, None
+
+    @staticmethod
+    def _decided(key: bytes | None, raw: Any, cache: DecisionCache | None) -> tuple[Decision, Any, bool]:
         try:
-            raw = self.engine.evaluate(DECISION, policy_input)
             decision = parse_decision(raw)
         except PolicyEngineError as exc:
             raise PolicyFailed(f"The policy could not be evaluated, so the call was denied: {exc}") from exc
-        if key is not None:
-            self.cache.put(key, (decision, raw))  # type: ignore[union-attr]
+        if key is not None and cache is not None:
+            cache.put(key, (decision, raw))
         return decision, raw, False
 
     @property
@@ -247,14 +294,42 @@ class PolicyStage:
         except PolicyEngineError as exc:
             raise PolicyFailed(f"The response policy could not be evaluated, so the reply was withheld: {exc}") from exc
 
+    async def review_response_async(self, policy_input: Mapping[str, Any]) -> Decision | None:
+        """``review_response`` on a remote engine."""
+        if not self.engine.defines(RESPONSE_DECISION):
+            return None
+        try:
+            return parse_decision(await self._remote.evaluate_async(RESPONSE_DECISION, policy_input))
+        except PolicyEngineError as exc:
+            raise PolicyFailed(f"The response policy could not be evaluated, so the reply was withheld: {exc}") from exc
+
     def may_approve(self, approval: Mapping[str, Any], decider: Principal) -> bool:
         """``data.lockgate.may_approve`` for this approval and decider: only ``true`` lets her decide.
         Undefined, anything else, or an engine error is a no (fail closed)."""
         if not self.engine.defines(MAY_APPROVE):
             return False
         try:
-            return self.engine.evaluate(MAY_APPROVE, {"approval": dict(approval),
-                                                      "decider": decider.as_policy_input()}) is True
+            return self.engine.evaluate(MAY_APPROVE, _approver_input(approval, decider)) is True
         except PolicyEngineError:
             log.exception("may_approve could not be evaluated; the decider is refused")
             return False
+
+    async def may_approve_async(self, approval: Mapping[str, Any], decider: Principal) -> bool:
+        """``may_approve`` on a remote engine."""
+        if not self.engine.defines(MAY_APPROVE):
+            return False
+        try:
+            return await self._remote.evaluate_async(MAY_APPROVE, _approver_input(approval, decider)) is True
+        except PolicyEngineError:
+            log.exception("may_approve could not be evaluated; the decider is refused")
+            return False
+
+    async def evaluate_async(self, entrypoint: str, policy_input: Mapping[str, Any]) -> Any:
+        """Any entrypoint (``data.lockgate.aliases``), on whichever engine: not for the hot path."""
+        if self.remote:
+            return await self._remote.evaluate_async(entrypoint, policy_input)
+        return self.engine.evaluate(entrypoint, policy_input)
+
+
+def _approver_input(approval: Mapping[str, Any], decider: Principal) -> dict[str, Any]:
+    return {"approval": dict(approval), "decider": decider.as_policy_input()}

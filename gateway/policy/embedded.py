@@ -39,7 +39,24 @@ def _first_line(exc: BaseException) -> str:
     return f"{message} (at {where})" if where and where not in message else message
 
 
+def analyse(modules: Mapping[str, str]) -> tuple[frozenset[str], tuple[Path, ...] | None]:
+    """The rules the modules define (``data.<package>.<rule>``) and the input paths they read (None:
+    their answers must not be reused), from regorus's parse: compiled here, never evaluated, so a
+    recursive rule cannot crash the process. The OPA engine uses it for the same facts
+    (gateway/policy/opa.py). Raises PolicyEngineError when regorus cannot parse them."""
+    engine = regorus.Engine()
+    try:
+        for name, text in modules.items():
+            engine.add_policy(name, text)
+        ast = json.loads(engine.get_ast_as_json())
+    except Exception as exc:
+        raise PolicyEngineError(f"policy does not compile: {_first_line(exc)}") from None
+    return frozenset(_rule_paths(ast)), input_reads(ast)
+
+
 class EmbeddedEngine:
+    remote = False  # evaluated in process, synchronously (PolicyStage.decide)
+
     def __init__(self, source: PolicySource) -> None:
         self._thread = threading.get_ident()
         self._engine = regorus.Engine()

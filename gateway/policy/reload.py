@@ -16,11 +16,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 from opentelemetry.trace import Status, StatusCode, Tracer
 
 from gateway.policy import PolicyEngine, PolicyStage
 from gateway.policy.source import PolicySource
+from gateway.types import RemotePolicyEngine
 
 log = logging.getLogger("lockgate.policy")
 
@@ -87,6 +89,8 @@ class PolicyReloader:
                 return None
             await asyncio.to_thread(self._vet, source)  # a child process: never blocks the loop
             engine = self._compile(source)  # here, on the loop's thread: the engine is used only from it
+            if engine.remote:
+                await self._push(cast(RemotePolicyEngine, engine))
         except (ValueError, RuntimeError) as exc:
             self._event("lockgate.policy.reload_rejected", previous, None, str(exc))
             log.error("the changed %s policy in %s was rejected; revision %s keeps serving: %s",
@@ -94,18 +98,85 @@ class PolicyReloader:
             return None
         old = self._stage.swap(engine, source.revision)
         old.close()
+        if old.remote:  # once the queries still in flight on it have had their time
+            await cast(RemotePolicyEngine, old).retire()
         self._event("lockgate.policy.reloaded", previous, source.revision, None)
         log.warning("%s policy reloaded from %s: revision %s replaces %s", self._name, self._folder,
                     source.revision, previous)
         return source.revision
 
+    async def _push(self, engine: RemotePolicyEngine) -> None:
+        """A remote engine in push mode uploads the new policy (OPA). Uploads are not atomic: should
+        this one fail, the previous policy is pushed again, so OPA goes back to what serves."""
+        try:
+            await engine.start()
+        except (ValueError, RuntimeError):
+            await engine.aclose()
+            previous = cast(RemotePolicyEngine, self._stage.engine)
+            try:
+                await previous.start()
+            except (ValueError, RuntimeError):
+                log.exception("pushing the serving %s policy to OPA again failed", self._name)
+            raise
+
     def _event(self, name: str, previous: str, revision: str | None, error: str | None) -> None:
-        attributes = {"lockgate.policy.folder": str(self._folder), "lockgate.policy.role": self._name,
-                      "lockgate.policy.previous_revision": previous}
-        if revision is not None:
-            attributes["lockgate.policy.revision"] = revision
-        span = self._tracer.start_span(name, attributes=attributes)
-        if error is not None:
-            span.set_attribute("error.type", "PolicyRejected")
-            span.set_status(Status(StatusCode.ERROR, error[:2000]))
-        span.end()
+        policy_event(self._tracer, name, {"lockgate.policy.folder": str(self._folder),
+                                          "lockgate.policy.role": self._name}, previous, revision, error)
+
+
+def policy_event(tracer: Tracer, name: str, attributes: dict[str, str], previous: str, revision: str | None,
+                 error: str | None) -> None:
+    """A reload (or its rejection) as a span of its own trace."""
+    attributes = {**attributes, "lockgate.policy.previous_revision": previous}
+    if revision is not None:
+        attributes["lockgate.policy.revision"] = revision
+    span = tracer.start_span(name, attributes=attributes)
+    if error is not None:
+        span.set_attribute("error.type", "PolicyRejected")
+        span.set_status(Status(StatusCode.ERROR, error[:2000]))
+    span.end()
+
+
+class BundleWatcher:
+    """Bundle mode of the OPA engine: OPA loads the team's bundles itself, so instead of a folder,
+    the bundles' revision OPA reports is read every ``interval_s``; a new one is recorded from the
+    next call on (the ``lockgate.policy.reloaded`` span says when). A call decided between OPA's
+    activation and the next look records the previous revision."""
+
+    def __init__(self, stage: PolicyStage, tracer: Tracer, interval_s: float) -> None:
+        self._stage = stage
+        self._tracer = tracer
+        self._interval = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._interval > 0:
+            self._task = asyncio.create_task(self._run(), name="lockgate-policy-bundle-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check()
+            except Exception:  # OPA away, an unreadable module: the next look may succeed
+                log.exception("reading the bundle revision from OPA failed")
+
+    async def check(self) -> str | None:
+        """The new revision if OPA reports another one, else None."""
+        previous = self._stage.revision
+        revision: str = await cast(Any, self._stage.engine).refresh()
+        if revision == previous:
+            return None
+        self._stage.revision = revision
+        policy_event(self._tracer, "lockgate.policy.reloaded", {"lockgate.policy.role": "live"}, previous,
+                     revision, None)
+        log.warning("OPA serves bundle revision %s (was %s)", revision, previous)
+        return revision

@@ -1,0 +1,264 @@
+"""The OPA policy engine end to end: ``lockgate serve`` with ``policy_engine: opa``, the official
+openai SDK as the client, and OPA played by tests/fakes/opa_server.py (our HTTP shim around the
+real OPA Go engine, not the OPA server binary). Only the model provider is faked otherwise.
+
+One SQLite store: the engine does not touch the store, and the store's two backends are covered
+by the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.policy.source import load_policy_source
+from gateway.settings import load_settings
+from tests.conftest import ROOT, Gateway, start_gateway, stop_gateway, write_policy
+from tests.fakes.opa_server import OpaServer
+from tests.fakes.openai_upstream import FakeOpenAI, reply
+from tests.test_approvals import Desk
+
+TOKEN = "opa-token-7f3c9a1e5b2d4c6e8a0f"  # must never show in a log or a record
+PROVIDER_KEY = "sk-fake-provider-key-opa-0123456789"
+MESSAGES: list[Any] = [{"role": "user", "content": "Say hello."}]
+# A second module in another package, calling a function of a third: pushed in rounds until both are in.
+EXTRA = {"labels": "package lockgate.labels\nimport rego.v1\nteam_label(team) := lower(team)\n",
+         "audit_extra": "package lockgate.audit_extra\nimport rego.v1\n"
+                        "label := data.lockgate.labels.team_label(input.principal.team)\n"}
+
+Serve = Callable[..., Gateway]
+
+
+def catalog(upstream: FakeOpenAI) -> str:
+    """The shipped catalog's names, served by the fake OpenAI provider (so provider calls can be counted)."""
+    return json.dumps([{"name": name, "provider": "openai", "base_url": upstream.url, "api_key_env": "FAKE_OPENAI_KEY",
+                        "upstream_model": name, "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0}
+                       for name in ("mock-fast", "mock-smart")])
+
+
+@pytest.fixture
+def opa() -> Iterator[OpaServer]:
+    server = OpaServer(token=TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI.running() as fake:
+        yield fake
+
+
+@pytest.fixture
+def serve(tmp_path: Path, opa: OpaServer, upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serve]:
+    """A gateway deciding with OPA (push mode; the token in the variable opa_token_env names)."""
+    monkeypatch.setenv("FAKE_OPENAI_KEY", PROVIDER_KEY)
+    monkeypatch.setenv("LG_TEST_OPA_TOKEN", TOKEN)
+    started: list[Gateway] = []
+
+    def start(**settings: str) -> Gateway:
+        values = {"policy_engine": "opa", "opa_url": opa.url, "opa_mode": "push", "opa_timeout_s": "0.5",
+                  "opa_token_env": "LG_TEST_OPA_TOKEN", "models": catalog(upstream), "policy_reload_interval_s": "0",
+                  **settings}
+        started.append(start_gateway(f"sqlite:///{tmp_path}/lockgate.db", tmp_path, **values))
+        return started[-1]
+
+    yield start
+    for gateway in started:
+        stop_gateway(gateway)
+
+
+def client(gateway: Gateway, team: str = "research", user: str = "ana") -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.v1, api_key=gateway.create_key(team=team, user=user), max_retries=0,
+                         timeout=30)
+
+
+def records(gateway: Gateway, count: int, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = gateway.decisions()
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def decision_queries(opa: OpaServer) -> int:
+    return sum(1 for method, path in opa.requests if (method, path) == ("POST", "/v1/data/lockgate/decision"))
+
+
+def assert_token_kept_secret(gateway: Gateway) -> None:
+    assert TOKEN not in gateway.log.read_text()
+    assert TOKEN not in json.dumps(gateway.decisions(), default=str)
+
+
+def policy_folder(tmp_path: Path, **extra: str) -> Path:
+    folder = write_policy(tmp_path / "policy")
+    for name, text in extra.items():
+        (folder / f"{name}.rego").write_text(text)
+    return folder
+
+
+def test_push_mode_uploads_the_folder_and_serves_allowed_and_denied_calls(
+        serve: Serve, opa: OpaServer, upstream: FakeOpenAI, tmp_path: Path) -> None:
+    folder = policy_folder(tmp_path, **EXTRA)
+    gateway = serve(policy_dir=str(folder))
+    pushed = {path for method, path in opa.requests if method == "PUT"}
+    assert pushed == {"/v1/data/lockgate", "/v1/policies/lockgate/lockgate.rego",
+                      "/v1/policies/lockgate/labels.rego", "/v1/policies/lockgate/audit_extra.rego"}
+    assert sorted(opa.data["lockgate"]["catalog"]) == ["mock-fast", "mock-smart"]  # the catalog, as data
+    assert opa.evaluate("lockgate/audit_extra/label", {"principal": {"team": "Research"}}) == "research"
+    upstream.script(reply("Hello through OPA."), reply("Again."))
+
+    research = client(gateway)
+    answer = research.chat.completions.create(model="fast", messages=MESSAGES)
+    again = research.chat.completions.create(model="fast", messages=MESSAGES)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        client(gateway, team="support", user="sam").chat.completions.create(model="smart", messages=MESSAGES)
+    listed = sorted(m.id for m in client(gateway, team="support", user="sue").models.list())
+
+    assert answer.choices[0].message.content == "Hello through OPA."
+    assert again.choices[0].message.content == "Again."
+    assert denied.value.status_code == 403 and denied.value.code == "policy_denied"
+    assert "team support may not use model mock-smart" in denied.value.message
+    assert listed == ["fast", "mock-fast"]  # /v1/models asks OPA too
+    assert len(upstream.requests) == 2  # the denied call reached no provider
+    revision = load_policy_source(folder, load_settings(environ={"LOCKGATE_MODELS": catalog(upstream)}).models).revision
+    found = records(gateway, 4)
+    calls = [r for r in found if r["endpoint"] == "chat.completions"]
+    assert sorted(r["outcome"] for r in calls) == ["allowed", "allowed", "denied"]
+    assert {r["policy_revision"] for r in calls} == {revision}  # push mode: the folder's content hash
+    # push mode reuses decisions (the input paths come from regorus's parse of the same modules):
+    # the second research call asked OPA nothing
+    # research, support, and the listing's names but "smart", which support's call already asked
+    assert decision_queries(opa) == 2 + 3
+    assert set(opa.authorizations) == {f"Bearer {TOKEN}"}
+    assert_token_kept_secret(gateway)
+
+
+def test_approval_and_budgets_work_with_opa(serve: Serve, opa: OpaServer, upstream: FakeOpenAI,
+                                            tmp_path: Path) -> None:
+    data = json.loads((ROOT / "policies" / "data.json").read_text())["lockgate"]
+    data["teams"]["support"]["monthly_budget_usd"] = 0.000001  # less than any call's worst case
+    folder = write_policy(tmp_path / "policy", data)
+    gateway = serve(policy_dir=str(folder), approval_hold_s="20", approval_poll_interval_s="0.1")
+    desk = Desk(gateway)
+    upstream.script(reply("Paid, once approved."))
+
+    held = desk.pay()  # dan (finance) offers transfer_funds: held for an approver
+    [approval] = desk.pending()
+    outsider = gateway.create_key(team="research", user="rita", roles=("approver",))
+    refused = desk.decide(approval["id"], "approve", outsider)  # may_approve, asked of OPA: not her team
+    approved = desk.decide(approval["id"], "approve")  # carol, finance: yes
+    answer = held.result(timeout=30)
+    assert answer.choices[0].message.content == "Paid, once approved."
+    with pytest.raises(openai.RateLimitError) as over:
+        client(gateway, team="support", user="sam").chat.completions.create(model="fast", messages=MESSAGES)
+
+    assert refused.status_code == 403 and approved.status_code == 200
+    assert answer.choices[0].message.content
+    assert over.value.code == "budget_exceeded"
+    assert any(q == ("POST", "/v1/data/lockgate/may_approve") for q in opa.requests)
+    assert_token_kept_secret(gateway)
+
+
+def test_opa_timeout_http_error_and_outage_deny_with_policy_error_and_call_no_provider(
+        serve: Serve, opa: OpaServer, upstream: FakeOpenAI) -> None:
+    gateway = serve(policy_cache_size="0")
+    sdk = client(gateway)
+    upstream.script(reply("Served while OPA answers."))
+    assert sdk.chat.completions.create(model="fast", messages=MESSAGES).choices[0].message.content
+
+    failures = []
+    opa.delay_s = 1.5  # past opa_timeout_s
+    with pytest.raises(openai.InternalServerError) as timed_out:
+        sdk.chat.completions.create(model="fast", messages=MESSAGES)
+    failures.append(timed_out.value)
+    opa.delay_s, opa.fail_status = 0.0, 500
+    with pytest.raises(openai.InternalServerError) as http_error:
+        sdk.chat.completions.create(model="fast", messages=MESSAGES)
+    failures.append(http_error.value)
+    assert httpx.get(gateway.base_url + "/readyz", timeout=5).status_code == 200  # OPA's health still answers
+    opa.fail_status = None
+    opa.stop()
+    with pytest.raises(openai.InternalServerError) as down:
+        sdk.chat.completions.create(model="fast", messages=MESSAGES)
+    failures.append(down.value)
+    ready = httpx.get(gateway.base_url + "/readyz", timeout=5)
+
+    assert [(e.status_code, e.code) for e in failures] == [(503, "policy_error")] * 3
+    assert "OPA did not answer within 0.5s" in failures[0].message
+    assert "OPA answered HTTP 500" in failures[1].message
+    assert "OPA could not be asked" in failures[2].message
+    assert len(upstream.requests) == 1  # only the first call reached the provider
+    assert (ready.status_code, ready.json()) == (503, {"status": "unavailable", "policy": "unreachable"})
+    denied = [r for r in records(gateway, 4) if r["outcome"] == "denied"]
+    assert [r["error_type"] for r in denied] == ["policy_error"] * 3
+    assert_token_kept_secret(gateway)
+
+
+def test_a_decision_of_the_wrong_shape_from_opa_denies_the_call(
+        serve: Serve, upstream: FakeOpenAI, tmp_path: Path) -> None:
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "lockgate.rego").write_text('package lockgate\nimport rego.v1\ndecision := {"allow": "yes"}\n')
+    gateway = serve(policy_dir=str(folder))
+
+    with pytest.raises(openai.InternalServerError) as failed:
+        client(gateway).chat.completions.create(model="mock-fast", messages=MESSAGES)
+
+    assert (failed.value.status_code, failed.value.code) == (503, "policy_error")
+    assert "decision.allow is missing or not a boolean" in failed.value.message
+    assert upstream.requests == []
+    [record] = records(gateway, 1)
+    assert (record["outcome"], record["error_type"]) == ("denied", "policy_error")
+
+
+def test_a_policy_opa_refuses_stops_startup(serve: Serve, tmp_path: Path) -> None:
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "lockgate.rego").write_text("package lockgate\nimport rego.v1\n"
+                                          'decision := {"allow": count(loop) == 0}\n'
+                                          "loop contains x if { some x in loop }\n")
+    with pytest.raises(RuntimeError) as failed:
+        serve(policy_dir=str(folder))
+    message = str(failed.value)
+    assert "OPA refused the policy" in message and "rego_recursion_error" in message
+    assert TOKEN not in message
+
+
+def test_bundle_mode_queries_the_bundle_opa_serves_and_records_its_revision(
+        serve: Serve, opa: OpaServer, upstream: FakeOpenAI, tmp_path: Path) -> None:
+    folder = policy_folder(tmp_path)
+    source = load_policy_source(folder, load_settings(environ={"LOCKGATE_MODELS": catalog(upstream)}).models)
+    opa.load_bundle("governance", "v7", source.modules, source.data)
+    gateway = serve(opa_mode="bundle", policy_dir=str(tmp_path / "absent"), policy_reload_interval_s="0.1")
+    upstream.script(reply("One."), reply("Two."), reply("Three."))
+    sdk = client(gateway)
+
+    sdk.chat.completions.create(model="fast", messages=MESSAGES)
+    sdk.chat.completions.create(model="fast", messages=MESSAGES)
+    opa.load_bundle("governance", "v8", source.modules, source.data)  # the team ships a new bundle
+    deadline = time.monotonic() + 10
+    while "governance@v8" not in gateway.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sdk.chat.completions.create(model="fast", messages=MESSAGES)
+
+    assert not [path for method, path in opa.requests if method in ("PUT", "DELETE")]  # nothing pushed
+    assert decision_queries(opa) == 3  # never reused in bundle mode
+    found = sorted(records(gateway, 3), key=lambda r: r["created_at"])
+    assert [r["policy_revision"] for r in found] == ["bundle:governance@v7"] * 2 + ["bundle:governance@v8"]
+    assert_token_kept_secret(gateway)
+
+
+def test_the_token_is_required_and_a_wrong_one_stops_startup(serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LG_TEST_OPA_TOKEN", "not-the-token")
+    with pytest.raises(RuntimeError) as failed:
+        serve()
+    assert "OPA answered HTTP 401" in str(failed.value) and "not-the-token" not in str(failed.value)
