@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,7 @@ SAMPLE_INPUT = {
     "now": "2026-01-01T00:00:00Z",
 }
 VET_TIMEOUT_S = 60.0
+CHILD_MEMORY_BYTES = 4 << 30  # the child's address space; the shipped policy needs well under 1 GiB
 _AT = re.compile(r"^error: (?P<message>.*) \(at (?P<file>.+?):(?P<line>\d+):(?P<column>\d+)\)$")
 
 
@@ -143,11 +145,11 @@ def _run_child(job: dict[str, Any], inputs: list[str], timeout_s: float) -> tupl
             lines.append(json.loads(text))
         except json.JSONDecodeError:
             break  # a line cut short by a crash
+    phase = next((line["phase"] for line in reversed(lines) if "phase" in line), "evaluating")
     if code is None:
-        return lines, (f"the engine did not finish within {timeout_s:.0f} s (a deeply nested literal "
-                       "takes regorus exponential time to parse)")
+        hint = " (regorus takes exponential time on deeply nested literals)" if phase == "parsing" else ""
+        return lines, f"{phase} the policy did not finish within {timeout_s:.0f} s{hint}"
     if code < 0:
-        phase = next((line["phase"] for line in reversed(lines) if "phase" in line), "evaluating")
         return lines, f"{phase} the policy crashed the engine (signal {-code})"
     if code != 0:
         last = (stderr.strip().splitlines() or ["the policy child failed"])[-1]
@@ -177,6 +179,8 @@ def _main() -> int:
     from gateway.policy.embedded import EmbeddedEngine, PolicyEngineError, _first_line, _rule_paths
     from gateway.policy.guard import inspect_policy
 
+    # An allocation a client could make huge aborts here at once, not after eating the host's memory.
+    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
     out = sys.stdout
     job = json.loads(sys.stdin.readline())
     source = PolicySource(modules=job["modules"], data=job["data"])
