@@ -223,13 +223,19 @@ def test_a_decision_of_the_wrong_shape_from_opa_denies_the_call(
 def test_a_policy_opa_refuses_stops_startup(serve: Serve, tmp_path: Path) -> None:
     folder = tmp_path / "policy"
     folder.mkdir()
-    (folder / "lockgate.rego").write_text("package lockgate\nimport rego.v1\n"
-                                          'decision := {"allow": count(loop) == 0}\n'
-                                          "loop contains x if { some x in loop }\n")
+    rego = folder / "lockgate.rego"
+    # The load-time guard refuses a recursive rule before anything is pushed ...
+    rego.write_text('package lockgate\nimport rego.v1\ndecision := {"allow": count(loop) == 0}\n'
+                    "loop contains x if { some x in loop }\n")
+    with pytest.raises(RuntimeError) as refused:
+        serve(policy_dir=str(folder))
+    assert "recursive rules are not allowed" in str(refused.value) and TOKEN not in str(refused.value)
+    # ... and what OPA's compiler refuses (a function it does not know) stops start-up too.
+    rego.write_text('package lockgate\nimport rego.v1\ndecision := {"allow": nosuch.check(input)}\n')
     with pytest.raises(RuntimeError) as failed:
         serve(policy_dir=str(folder))
     message = str(failed.value)
-    assert "OPA refused the policy" in message and "rego_recursion_error" in message
+    assert "OPA refused the policy" in message and "nosuch.check" in message
     assert TOKEN not in message
 
 
