@@ -121,31 +121,26 @@ def rule_head(tree: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
 def _static(node: Any) -> tuple[str, tuple[str, ...]]:
     """The root variable of a reference and its leading literal steps: ``a.b["c"][x].d`` is
     ("a", ("b", "c")); ("", ()) when the reference does not start at a variable."""
-    steps: list[str | None] = []
-    while isinstance(node, dict):
-        if "RefDot" in node:
-            steps.append(node["RefDot"]["field"][1])
-            node = node["RefDot"]["refr"]
-        elif "RefBrack" in node:
-            index = node["RefBrack"].get("index", {})
-            literal = index.get("String", {}).get("value") if isinstance(index, dict) else None
-            steps.append(literal if isinstance(literal, str) else None)
-            node = node["RefBrack"]["refr"]
-        else:
-            break
-    root = _var(node)
-    if root is None:
+    root, steps = _unwind(node)
+    name = _var(root)
+    if name is None:
         return "", ()
     static: list[str] = []
-    for step in reversed(steps):
+    for step in steps:
         if step is None:
             break
         static.append(step)
-    return root, tuple(static)
+    return name, tuple(static)
 
 
 def _all_steps(node: Any) -> list[str | None]:
     """Every step of a reference, literal or not (None), root first."""
+    return _unwind(node)[1]
+
+
+def _unwind(node: Any) -> tuple[Any, list[str | None]]:
+    """A reference's root node and its steps, root first: each a field name or literal string
+    index, or None for any other index."""
     steps: list[str | None] = []
     while isinstance(node, dict):
         if "RefDot" in node:
@@ -158,7 +153,7 @@ def _all_steps(node: Any) -> list[str | None]:
             node = node["RefBrack"]["refr"]
         else:
             break
-    return list(reversed(steps))
+    return node, list(reversed(steps))
 
 
 def _var(node: Any) -> str | None:
