@@ -8,7 +8,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.settings import Settings, SettingsError, describe_settings, load_settings
 
 if TYPE_CHECKING:
+    from gateway.policy.guard import Finding
+    from gateway.policy.replay import Difference
+    from gateway.policy.source import PolicySource
     from gateway.runtime import Runtime
     from gateway.types import Principal
 
@@ -360,21 +364,194 @@ def _decide(approve: bool) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _policy(args: argparse.Namespace, folder_flag: str | None = None) -> tuple[PolicySource, Path] | None:
+    """The policy folder a command works on, read: ``--policy-dir``, else the setting policy_dir as
+    the gateway reads it (LOCKGATE_POLICY_DIR over the YAML file of --config or LOCKGATE_CONFIG),
+    else the shipped policies. Says on stderr which folder and revision it used; None (after
+    saying why) when the folder cannot be read."""
+    from gateway.policy.source import PolicyLoadError, load_policy_source
+    from gateway.runtime import policy_folder
+
+    settings = _settings(args)
+    if folder_flag:
+        folder, origin = Path(folder_flag), "--policy-dir"
+    elif "LOCKGATE_POLICY_DIR" in os.environ:
+        folder, origin = policy_folder(settings), "LOCKGATE_POLICY_DIR"
+    elif settings.policy_dir:
+        folder, origin = policy_folder(settings), f"policy_dir in {args.config or os.environ.get('LOCKGATE_CONFIG')}"
+    else:
+        folder, origin = policy_folder(settings), "the shipped policies"
+    try:
+        source = load_policy_source(folder, settings.models)
+    except PolicyLoadError as exc:
+        print(f"lockgate: policy folder {folder} (from {origin}) cannot be read: {exc}", file=sys.stderr)
+        return None
+    print(f"lockgate: policy folder {folder} (from {origin}), revision {source.revision}", file=sys.stderr, flush=True)
+    return source, folder
+
+
+def _located(finding: Finding, folder: Path) -> str:
+    """A finding with its file named from the working directory, as compilers print them."""
+    if not finding.file:
+        return str(finding)
+    return str(replace(finding, file=str(folder / finding.file)))
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from gateway.policy.preflight import vet_policy
+
+    loaded = _policy(args, args.policy_dir)
+    if loaded is None:
+        return 1
+    source, folder = loaded
+    vetting = vet_policy(source, with_tests=True)
+    for finding in vetting.findings:
+        print(_located(finding, folder))
+    errors, warnings = len(vetting.errors), len(vetting.warnings)
+    verdict = "refused: the gateway would not load it" if errors else "it loads"
+    print(f"{errors} errors, {warnings} warnings: {verdict}")
+    return 1 if errors else 0
+
+
 def cmd_policy_test(args: argparse.Namespace) -> int:
     from gateway.policy.source import PolicyLoadError
     from gateway.policy.testing import run_policy_tests
 
-    settings = _settings(args)
-    try:
-        results = run_policy_tests(Path(args.policy_dir) if args.policy_dir else None, settings.models)
-    except PolicyLoadError as exc:
-        print(f"lockgate: {exc}", file=sys.stderr)
+    loaded = _policy(args, args.policy_dir)
+    if loaded is None:
         return 2
-    for name, ok, detail in results:
-        print(f"{'PASS' if ok else 'FAIL'} {name}{'' if ok else ': ' + detail}")
-    failed = sum(1 for _, ok, _ in results if not ok)
+    source, folder = loaded
+    try:
+        results = run_policy_tests(source)
+    except PolicyLoadError as exc:
+        print(f"lockgate: policy in {folder} cannot be tested: {exc}", file=sys.stderr)
+        return 2
+    for result in results:
+        print(f"{'PASS' if result.passed else 'FAIL'} {result.rule}{'' if result.passed else ': ' + result.detail}")
+    failed = sum(1 for r in results if not r.passed)
     print(f"{len(results) - failed} passed, {failed} failed")
+    if not results:
+        print(f"lockgate: no test_ rules in {folder}'s *_test.rego files", file=sys.stderr)
     return 1 if failed or not results else 0
+
+
+def cmd_policy_eval(args: argparse.Namespace) -> int:
+    from gateway.policy import DECISION, parse_decision
+    from gateway.policy.embedded import PolicyEngineError
+    from gateway.policy.preflight import evaluate_in_child
+
+    try:
+        text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text()
+        policy_input = json.loads(text)
+    except OSError as exc:
+        print(f"lockgate: cannot read {args.input}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except json.JSONDecodeError as exc:
+        print(f"lockgate: {args.input} is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(policy_input, dict):
+        print(f"lockgate: {args.input} must hold a JSON object, the policy input", file=sys.stderr)
+        return 2
+    loaded = _policy(args, args.policy_dir)
+    if loaded is None:
+        return 1
+    try:
+        answer = next(evaluate_in_child(loaded[0], [(args.rule, policy_input)]))
+    except ValueError as exc:
+        print(f"lockgate: the policy cannot be evaluated: {exc}", file=sys.stderr)
+        return 1
+    if answer.error is not None:
+        print(f"lockgate: {answer.error}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer.value, indent=2, sort_keys=True))
+    if args.rule == DECISION:
+        try:
+            parse_decision(answer.value)
+        except PolicyEngineError as exc:
+            print(f"lockgate: the gateway would deny this call with 503 policy_error: {exc}", file=sys.stderr)
+    return 0
+
+
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _since(value: str) -> datetime:
+    """--since: a duration back from now (90m, 1h, 7d) or a date or time."""
+    from datetime import UTC, timedelta
+
+    if value[:-1].isdigit() and value[-1:] in _DURATION:
+        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * _DURATION[value[-1]])
+    moment = _utc(value)
+    assert moment is not None
+    return moment
+
+
+def _differences(differences: Iterator[Difference], header: str) -> None:
+    """The table of changed decisions, a line each as they come (``| head`` stops it early)."""
+    from gateway.policy.replay import describe
+
+    print(f"{'RECORD':<26}  {'TIME (UTC)':<19}  {'TEAM':<12}  {'USER':<12}  {'MODEL':<14}  {header:<28}  CHANGES")
+    for d in differences:
+        r = d.record
+        print(f"{r['id']:<26}  {_when(r['created_at']):<19}  {r['team'] or '-':<12}  {r['user'] or '-':<12}  "
+              f"{r['requested_model'] or '-':<14}  {describe(d.before) + ' -> ' + describe(d.after):<28}  "
+              f"{', '.join(d.changes)}", flush=True)
+
+
+def cmd_policy_replay(args: argparse.Namespace) -> int:
+    from gateway.audit.reader import list_decisions
+    from gateway.policy.replay import Tally, replay
+
+    loaded = _policy(args, args.policy_dir)
+    if loaded is None:
+        return 1
+    source = loaded[0]
+    since = _since(args.since)
+
+    async def action(engine: AsyncEngine) -> int:
+        records = await list_decisions(engine, limit=args.limit, since=since, team=args.team)
+        records.reverse()  # oldest first
+        print(f"lockgate: replaying {len(records)} recorded calls since {since.isoformat(timespec='seconds')} "
+              "against the candidate policy", file=sys.stderr, flush=True)
+        tally = Tally()
+
+        def progress(done: int, total: int) -> None:
+            if total > done or done > 500:
+                print(f"lockgate: {done}/{total} replayed", file=sys.stderr, flush=True)
+
+        try:
+            _differences(replay(source, records, tally, progress), "RECORDED -> CANDIDATE")
+        except ValueError as exc:
+            print(f"lockgate: the candidate policy cannot be evaluated: {exc}", file=sys.stderr)
+            return 1
+        print(tally.summary())
+        return 0
+
+    return _with_store(args, action)
+
+
+def cmd_policy_shadow_report(args: argparse.Namespace) -> int:
+    from gateway.audit.reader import list_decisions
+    from gateway.policy.replay import Tally, shadow_disagreements
+
+    settings = _settings(args)
+    since = _since(args.since)
+    print(f"lockgate: shadow policy folder {settings.policy_shadow_dir or '(policy_shadow_dir is not set)'}",
+          file=sys.stderr, flush=True)
+
+    async def action(engine: AsyncEngine) -> int:
+        records = await list_decisions(engine, limit=args.limit, since=since, team=args.team)
+        records.reverse()
+        revisions = sorted({r["shadow"]["revision"] for r in records if isinstance(r.get("shadow"), dict)})
+        print(f"lockgate: {len(records)} records since {since.isoformat(timespec='seconds')}; shadow revisions "
+              f"{', '.join(revisions) or '(none recorded)'}", file=sys.stderr, flush=True)
+        tally = Tally()
+        _differences(shadow_disagreements(records, tally), "LIVE -> SHADOW")
+        print(tally.summary().replace("would change", "disagree").replace(
+            "records without a policy input", "records without a shadow decision"))
+        return 0
+
+    return _with_store(args, action)
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -486,10 +663,36 @@ def build_parser() -> argparse.ArgumentParser:
         decide.add_argument("--key-file", help=key_help)
         decide.set_defaults(func=_decide(approve))
 
-    policy = commands.add_parser("policy", help="policies").add_subparsers(dest="policy", required=True)
+    policy = commands.add_parser("policy", help="write, test, replay and shadow policies").add_subparsers(
+        dest="policy", required=True)
+    folder_help = "policy folder (default: setting policy_dir, else the shipped policies)"
+    pcheck = policy.add_parser("check", help="compile the policy and its tests, run the load-time guard and the "
+                                             "float-money lint; exit 1 on errors")
+    pcheck.add_argument("--policy-dir", help=folder_help)
+    pcheck.set_defaults(func=cmd_policy_check)
     ptest = policy.add_parser("test", help="run the test_ rules of the policy's *_test.rego files")
-    ptest.add_argument("--policy-dir", help="policy folder (default: setting policy_dir)")
+    ptest.add_argument("--policy-dir", help=folder_help)
     ptest.set_defaults(func=cmd_policy_test)
+    peval = policy.add_parser("eval", help="the policy's decision for one input, as JSON on stdout")
+    peval.add_argument("--input", required=True, help="file holding the policy input as JSON ('-': stdin)")
+    peval.add_argument("--rule", default="data.lockgate.decision", help="the rule to evaluate")
+    peval.add_argument("--policy-dir", help=folder_help)
+    peval.set_defaults(func=cmd_policy_eval)
+    preplay = policy.add_parser("replay", help="re-decide recorded calls with a candidate policy; list every "
+                                               "decision that would change")
+    preplay.add_argument("--since", default="24h", help="a duration back from now (90m, 1h, 7d) or a date or time "
+                                                        "(default: 24h)")
+    preplay.add_argument("--team", help="only this team's calls")
+    preplay.add_argument("--limit", type=int, default=100_000, help="at most this many of the latest records")
+    preplay.add_argument("--policy-dir", help="the candidate policy folder (default: setting policy_dir)")
+    preplay.set_defaults(func=cmd_policy_replay)
+    pshadow = policy.add_parser("shadow-report", help="recorded calls where the shadow policy (policy_shadow_dir) "
+                                                      "disagreed with the live one")
+    pshadow.add_argument("--since", default="24h", help="a duration back from now (90m, 1h, 7d) or a date or time "
+                                                        "(default: 24h)")
+    pshadow.add_argument("--team", help="only this team's calls")
+    pshadow.add_argument("--limit", type=int, default=100_000, help="at most this many of the latest records")
+    pshadow.set_defaults(func=cmd_policy_shadow_report)
 
     commands.add_parser("settings", help="list every setting").set_defaults(func=cmd_settings)
     return parser

@@ -6,6 +6,7 @@ Nothing else in the gateway constructs clients, engines or stores; the app recei
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,7 +123,10 @@ async def build_live_policy(settings: Settings) -> PolicyStage:
     config, folder = opa_config(settings), policy_folder(settings)
     engine: OpaEngine | None = None
     try:
-        engine = OpaEngine(config, load_policy_source(folder, settings.models) if config.mode == "push" else None)
+        source = load_policy_source(folder, settings.models) if config.mode == "push" else None
+        if source is not None:  # the load-time guard holds for OPA too: no http.send, net.*, recursion
+            await asyncio.to_thread(run_preflight, source, sample=False)
+        engine = OpaEngine(config, source)
         await engine.start()
     except (ValueError, RuntimeError) as exc:
         if engine is not None:
@@ -264,9 +268,10 @@ async def build_runtime(settings: Settings, extra_span_processors: Sequence[Span
     if not policy.remote:
         watchers.append(PolicyReloader(policy, policy_folder(settings), load, run_preflight, EmbeddedEngine, tracer,
                                        settings.policy_reload_interval_s, "live"))
-    elif settings.opa_mode == "push":  # OPA compiles what is pushed: no child-process evaluation by regorus
+    elif settings.opa_mode == "push":  # guarded as at start-up; OPA compiles and evaluates what is pushed
         config = opa_config(settings)
-        watchers.append(PolicyReloader(policy, policy_folder(settings), load, lambda source: None,
+        watchers.append(PolicyReloader(policy, policy_folder(settings), load,
+                                       lambda source: run_preflight(source, sample=False),
                                        lambda source: OpaEngine(config, source), tracer,
                                        settings.policy_reload_interval_s, "live"))
     else:

@@ -17,7 +17,8 @@ from starlette.testclient import TestClient
 from gateway.app import create_app
 from gateway.policy import DECISION, build_input, parse_decision
 from gateway.policy.embedded import EmbeddedEngine, PolicyEngineError
-from gateway.policy.source import PolicyLoadError, PolicySource, load_policy_source
+from gateway.policy.preflight import run_preflight
+from gateway.policy.source import PolicySource, load_policy_source
 from gateway.runtime import StartupError, build_policy
 from gateway.settings import load_settings
 from gateway.types import CallFacts, Principal
@@ -66,8 +67,8 @@ def test_a_failing_policy_test_fails_the_run(tmp_path: Path) -> None:
 def test_policies_that_reach_the_network_are_refused(tmp_path: Path, call: str) -> None:
     folder = write_policy(tmp_path / "p", f"package lockgate\nimport rego.v1\nx := {call}\n"
                                           "decision := {\"allow\": true}\n")
-    with pytest.raises(PolicyLoadError, match="may not use"):
-        load_policy_source(folder, ())
+    with pytest.raises(ValueError, match="is not allowed in a Lockgate policy"):
+        run_preflight(load_policy_source(folder, ()))
 
 
 def test_a_comment_mentioning_http_send_is_fine(tmp_path: Path) -> None:
@@ -77,11 +78,11 @@ def test_a_comment_mentioning_http_send_is_fine(tmp_path: Path) -> None:
 
 
 def test_a_policy_that_crashes_the_engine_stops_startup(tmp_path: Path) -> None:
-    # A recursive function kills a process running regorus; the preflight child takes the hit.
+    # A recursive function kills a process running regorus: the guard refuses it from the syntax tree.
     folder = write_policy(tmp_path / "p", "package lockgate\nimport rego.v1\nf(x) := y if { y := f(x) }\n"
                                           "decision := {\"allow\": f(1)}\n")
     settings = load_settings(environ={"LOCKGATE_POLICY_DIR": str(folder)})
-    with pytest.raises(StartupError, match="crashed the engine"):
+    with pytest.raises(StartupError, match="recursive rules are not allowed"):
         build_policy(settings)
 
 

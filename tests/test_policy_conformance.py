@@ -282,8 +282,7 @@ def test_a_recursive_policy_is_refused_by_both_load_paths(opa: OpaServer) -> Non
     source = PolicySource(modules={"corpus.rego": RECURSIVE}, data={})
     with pytest.raises(PolicyEngineError, match="rego_recursion_error"):
         opa_answers(opa, source, [])
-    # The embedded engine's load path: today the child-process preflight catches the crash
-    # (gateway/policy/preflight.py); the AST guard (gateway/policy/guard.py, not on this branch yet)
-    # is to refuse it before any evaluation. Either way, the gateway refuses to load it.
-    with pytest.raises(ValueError, match=r"crashed the engine|recursi"):
+    # The embedded engine's load path: the load-time guard finds the cycle in the rule graph before
+    # anything is evaluated (gateway/policy/guard.py, run in the preflight child).
+    with pytest.raises(ValueError, match="recursive rules are not allowed"):
         run_preflight(source)

@@ -223,13 +223,19 @@ def test_a_decision_of_the_wrong_shape_from_opa_denies_the_call(
 def test_a_policy_opa_refuses_stops_startup(serve: Serve, tmp_path: Path) -> None:
     folder = tmp_path / "policy"
     folder.mkdir()
-    (folder / "lockgate.rego").write_text("package lockgate\nimport rego.v1\n"
-                                          'decision := {"allow": count(loop) == 0}\n'
-                                          "loop contains x if { some x in loop }\n")
+    rego = folder / "lockgate.rego"
+    # The load-time guard refuses a recursive rule before anything is pushed ...
+    rego.write_text('package lockgate\nimport rego.v1\ndecision := {"allow": count(loop) == 0}\n'
+                    "loop contains x if { some x in loop }\n")
+    with pytest.raises(RuntimeError) as refused:
+        serve(policy_dir=str(folder))
+    assert "recursive rules are not allowed" in str(refused.value) and TOKEN not in str(refused.value)
+    # ... and what OPA's compiler refuses (a function it does not know) stops start-up too.
+    rego.write_text('package lockgate\nimport rego.v1\ndecision := {"allow": nosuch.check(input)}\n')
     with pytest.raises(RuntimeError) as failed:
         serve(policy_dir=str(folder))
     message = str(failed.value)
-    assert "OPA refused the policy" in message and "rego_recursion_error" in message
+    assert "OPA refused the policy" in message and "nosuch.check" in message
     assert TOKEN not in message
 
 
@@ -262,3 +268,91 @@ def test_the_token_is_required_and_a_wrong_one_stops_startup(serve: Serve, monke
     with pytest.raises(RuntimeError) as failed:
         serve()
     assert "OPA answered HTTP 401" in str(failed.value) and "not-the-token" not in str(failed.value)
+
+
+ONE_TEAM = """package lockgate
+import rego.v1
+decision := {"allow": input.principal.team == data.lockgate.allowed_team,
+             "reasons": [sprintf("only team %s may call", [data.lockgate.allowed_team])]}
+"""
+
+
+def test_push_mode_hot_reload_pushes_a_changed_folder_and_rejects_a_refused_one(
+        serve: Serve, opa: OpaServer, upstream: FakeOpenAI, tmp_path: Path) -> None:
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "lockgate.rego").write_text(ONE_TEAM)
+    (folder / "data.json").write_text(json.dumps({"lockgate": {"allowed_team": "research"}}))
+    gateway = serve(policy_dir=str(folder), policy_reload_interval_s="0.1")
+    research, support = client(gateway), client(gateway, team="support", user="sam")
+    upstream.script(reply("Before."), reply("After."), reply("Still."))
+    first = research.chat.completions.create(model="mock-fast", messages=MESSAGES)
+
+    (folder / "data.json").write_text(json.dumps({"lockgate": {"allowed_team": "support"}}))
+    deadline = time.monotonic() + 15
+    while opa.data.get("lockgate", {}).get("allowed_team") != "support" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the swap follows the push on the gateway's loop
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        research.chat.completions.create(model="mock-fast", messages=MESSAGES)
+    second = support.chat.completions.create(model="mock-fast", messages=MESSAGES)
+
+    # A folder the guard refuses is never pushed: OPA keeps the serving policy, and so does the gateway.
+    (folder / "lockgate.rego").write_text(ONE_TEAM + "loop contains x if { some x in loop }\n"
+                                          "extra := count(loop)\n")
+    time.sleep(1.5)
+    third = support.chat.completions.create(model="mock-fast", messages=MESSAGES)
+
+    assert first.choices[0].message.content == "Before." and second.choices[0].message.content == "After."
+    assert third.choices[0].message.content == "Still."
+    assert "only team support may call" in denied.value.message
+    assert all("loop" not in text for text in opa.modules.values())
+    revisions = [r["policy_revision"] for r in sorted(records(gateway, 4), key=lambda r: r["created_at"])]
+    assert revisions[0] != revisions[1] and len(set(revisions[1:])) == 1
+    assert "was rejected" in gateway.log.read_text() and "recursive rules are not allowed" in gateway.log.read_text()
+    assert_token_kept_secret(gateway)
+
+
+REVIEWED = """package lockgate
+import rego.v1
+decision := {"allow": true}
+response_decision := {"allow": false, "reasons": ["the model may not call delete_repo"]} if {
+	"delete_repo" in input.response.tool_calls
+}
+response_decision := {"allow": true} if { not "delete_repo" in input.response.tool_calls }
+"""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_opa_reviews_the_tool_calls_of_replies(serve: Serve, opa: OpaServer, upstream: FakeOpenAI,
+                                                tmp_path: Path, stream: bool) -> None:
+    from tests.fakes.openai_upstream import ToolCall
+
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "lockgate.rego").write_text(REVIEWED)
+    gateway = serve(policy_dir=str(folder))
+    upstream.script(reply(None, tool_calls=(ToolCall("search_web"),)),
+                    reply(None, tool_calls=(ToolCall("delete_repo"),)))
+    sdk = client(gateway)
+    tools: Any = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
+                  for n in ("search_web", "delete_repo")]
+
+    def ask() -> list[str]:
+        if not stream:
+            answer = sdk.chat.completions.create(model="mock-fast", messages=MESSAGES, tools=tools)
+            return [c.function.name for c in answer.choices[0].message.tool_calls or []]  # type: ignore[union-attr]
+        names = []
+        for chunk in sdk.chat.completions.create(model="mock-fast", messages=MESSAGES, tools=tools, stream=True):
+            for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                if delta.function and delta.function.name:
+                    names.append(delta.function.name)
+        return names
+
+    allowed = ask()
+    with pytest.raises((openai.PermissionDeniedError, openai.APIError)) as refused:
+        ask()
+
+    assert allowed == ["search_web"]
+    assert "the model may not call delete_repo" in str(refused.value)
+    assert sum(1 for q in opa.requests if q == ("POST", "/v1/data/lockgate/response_decision")) == 2

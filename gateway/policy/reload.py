@@ -42,23 +42,19 @@ def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
         return ()
 
 
-class PolicyReloader:
-    def __init__(self, stage: PolicyStage, folder: Path, load: Load, vet: Vet, compile_engine: Compile,
-                 tracer: Tracer, interval_s: float, name: str = "live") -> None:
-        self._stage = stage
-        self._folder = folder
-        self._load = load
-        self._vet = vet
-        self._compile = compile_engine
-        self._tracer = tracer
-        self._interval = interval_s
-        self._name = name  # "live" or "shadow"
-        self._seen = fingerprint(folder)
-        self._task: asyncio.Task[None] | None = None
+class _Watcher:
+    """A task that calls ``check`` every ``interval_s`` (none when it is 0) until closed; a failed
+    look is logged and the next one tried."""
+
+    _interval: float
+    _task: asyncio.Task[None] | None = None
+
+    async def check(self) -> str | None:
+        raise NotImplementedError
 
     def start(self) -> None:
         if self._interval > 0:
-            self._task = asyncio.create_task(self._run(), name=f"lockgate-policy-reload-{self._name}")
+            self._task = asyncio.create_task(self._run(), name=f"lockgate-{type(self).__name__}")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -73,8 +69,22 @@ class PolicyReloader:
             await asyncio.sleep(self._interval)
             try:
                 await self.check()
-            except Exception:  # never let the reloader die: the next look may succeed
-                log.exception("looking for a changed %s policy in %s failed", self._name, self._folder)
+            except Exception:  # never let the watcher die: the next look may succeed
+                log.exception("%s: looking for a changed policy failed", type(self).__name__)
+
+
+class PolicyReloader(_Watcher):
+    def __init__(self, stage: PolicyStage, folder: Path, load: Load, vet: Vet, compile_engine: Compile,
+                 tracer: Tracer, interval_s: float, name: str = "live") -> None:
+        self._stage = stage
+        self._folder = folder
+        self._load = load
+        self._vet = vet
+        self._compile = compile_engine
+        self._tracer = tracer
+        self._interval = interval_s
+        self._name = name  # "live" or "shadow"
+        self._seen = fingerprint(folder)
 
     async def check(self) -> str | None:
         """Reload if the folder changed: the new revision if it was swapped in, else None."""
@@ -137,7 +147,7 @@ def policy_event(tracer: Tracer, name: str, attributes: dict[str, str], previous
     span.end()
 
 
-class BundleWatcher:
+class BundleWatcher(_Watcher):
     """Bundle mode of the OPA engine: OPA loads the team's bundles itself, so instead of a folder,
     the bundles' revision OPA reports is read every ``interval_s``; a new one is recorded from the
     next call on (the ``lockgate.policy.reloaded`` span says when). A call decided between OPA's
@@ -147,27 +157,6 @@ class BundleWatcher:
         self._stage = stage
         self._tracer = tracer
         self._interval = interval_s
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._interval > 0:
-            self._task = asyncio.create_task(self._run(), name="lockgate-policy-bundle-watch")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.check()
-            except Exception:  # OPA away, an unreadable module: the next look may succeed
-                log.exception("reading the bundle revision from OPA failed")
 
     async def check(self) -> str | None:
         """The new revision if OPA reports another one, else None."""

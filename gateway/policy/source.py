@@ -1,26 +1,23 @@
-"""Reading a policy folder: its Rego modules, its data, and the builtins we refuse.
+"""Reading a policy folder: its Rego modules and its data.
 
 A policy folder holds ``*.rego`` modules, ``*_test.rego`` unit tests (loaded only by
 ``lockgate policy test``) and ``*.json`` data files, merged into ``data``. The gateway adds the
 model catalog as ``data.lockgate.catalog`` so rules can see providers and prices.
+
+Nothing here parses Rego: what a policy may not do is decided on its syntax tree by the guard
+(gateway/policy/guard.py), in the child process of gateway/policy/preflight.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from gateway.types import CatalogModel
-
-# Network access from a policy would make decisions depend on the outside world (and regorus
-# leaves http.send silently undefined), so policies that use these never load.
-_FORBIDDEN = re.compile(r"\b(http\.send|net\.[a-z_]+|opa\.runtime)\b")
-_COMMENT = re.compile(r"#[^\n]*")
 
 
 class PolicyLoadError(ValueError):
@@ -83,10 +80,8 @@ def load_policy_source(folder: Path, models: tuple[CatalogModel, ...]) -> Policy
     for path in sorted(folder.rglob("*")):
         if path.suffix == ".rego":
             text = path.read_text()
-            forbidden = _FORBIDDEN.search(_COMMENT.sub("", text))
-            if forbidden:
-                raise PolicyLoadError(f"{path.name} uses {forbidden.group(1)}, which Lockgate policies may not use")
-            (tests if path.name.endswith("_test.rego") else modules)[path.name] = text
+            # Named by their place in the folder, as the guard's findings name them (file:line:column).
+            (tests if path.name.endswith("_test.rego") else modules)[path.relative_to(folder).as_posix()] = text
         elif path.suffix == ".json":
             try:
                 loaded = json.loads(path.read_text())

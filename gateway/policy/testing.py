@@ -1,32 +1,41 @@
 """``lockgate policy test``: run the ``test_`` rules of a policy folder's ``*_test.rego`` files.
 
 Each test rule passes when it evaluates to true, as with ``opa test``. The tests run on the
-embedded engine, the one that serves the gateway by default.
+embedded engine, the one that serves the gateway by default, in child processes after the
+load-time guard (gateway/policy/preflight.py): a test that crashes the engine fails alone.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
-from gateway.policy.embedded import EmbeddedEngine, PolicyEngineError
-from gateway.policy.source import PolicyLoadError, PolicySource, default_policy_dir, load_policy_source
-from gateway.types import CatalogModel
+from gateway.policy.preflight import evaluate_in_child, vet_policy
+from gateway.policy.source import PolicyLoadError, PolicySource
 
 
-def run_policy_tests(folder: Path | None, models: tuple[CatalogModel, ...]) -> list[tuple[str, bool, str]]:
-    """(rule path, passed, detail) for every test rule."""
-    folder = folder or default_policy_dir()
+@dataclass(frozen=True)
+class TestResult:
+    rule: str  # data.lockgate_test.test_alias_resolves
+    passed: bool
+    detail: str  # why it failed
+
+
+def run_policy_tests(source: PolicySource) -> list[TestResult]:
+    """Every test rule's result, in rule order. Raises PolicyLoadError when the policy or its
+    tests do not pass the guard or do not compile."""
+    vetting = vet_policy(source, with_tests=True, sample=False)
+    if vetting.errors:
+        raise PolicyLoadError("; ".join(str(e) for e in vetting.errors))
+    rules = sorted(r for r in vetting.rules if r.rsplit(".", 1)[-1].startswith("test_"))
     try:
-        source = load_policy_source(folder, models)
-        engine = EmbeddedEngine(PolicySource(modules={**source.modules, **source.tests}, data=source.data))
-    except (PolicyLoadError, PolicyEngineError) as exc:
-        raise PolicyLoadError(f"policy in {folder} cannot be tested: {exc}") from None
+        answers = list(evaluate_in_child(source, [(rule, {}) for rule in rules], with_tests=True))
+    except ValueError as exc:
+        raise PolicyLoadError(str(exc)) from None
     results = []
-    for rule in sorted(r for r in engine.rule_paths if r.rsplit(".", 1)[-1].startswith("test_")):
-        try:
-            value = engine.evaluate(rule, {})
-        except PolicyEngineError as exc:
-            results.append((rule, False, str(exc)))
-            continue
-        results.append((rule, value is True, "" if value is True else f"evaluated to {value!r}"))
+    for rule, answer in zip(rules, answers, strict=True):
+        if answer.error is not None:
+            results.append(TestResult(rule, False, answer.error))
+        else:
+            passed = answer.value is True
+            results.append(TestResult(rule, passed, "" if passed else f"evaluated to {answer.value!r}"))
     return results
