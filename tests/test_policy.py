@@ -59,7 +59,7 @@ def test_a_failing_policy_test_fails_the_run(tmp_path: Path) -> None:
     result = lockgate("policy", "test", "--policy-dir", str(folder))
     assert result.returncode == 1
     assert "FAIL data.extra_test.test_support_may_use_smart" in result.stdout
-    assert "10 passed, 1 failed" in result.stdout
+    assert re.search(r"\b\d+ passed, 1 failed", result.stdout), result.stdout
 
 
 @pytest.mark.parametrize("call", ["http.send({\"method\": \"get\", \"url\": \"http://x\"})",
