@@ -23,22 +23,17 @@ held_tools := [t |
 	object.get(data.lockgate.approval_tools[t], "when", "offered") == "offered"
 ]
 
-tool_approval := {
-	"required": true,
-	"reason": sprintf("tool %s needs approval", [held_tools[0]]),
-	"approvers": data.lockgate.approval_tools[held_tools[0]].approvers,
-	"timeout_s": object.get(data.lockgate.approval_tools[held_tools[0]], "timeout_s", 900),
-}
-
 # The call's output tokens at most, as the gateway caps them: its max_tokens, capped by the
 # team's limit; without one, the limit, else expensive_calls.default_output_tokens. Counting the
 # output only, not the prompt, keeps this rule off input.estimate, which changes with every
 # prompt: the decision is then reused for every call of a user with the same model, tools and
 # max_tokens.
-output_caps := [n | some n in [input.request.max_tokens, object.get(budgets.limits, "max_tokens", null)]; is_number(n)]
-
-output_tokens := min(output_caps) if count(output_caps) > 0
-else := object.get(data.lockgate.expensive_calls, "default_output_tokens", 4096)
+output_tokens := min([input.request.max_tokens, budgets.limits.max_tokens]) if {
+	is_number(input.request.max_tokens)
+	is_number(budgets.limits.max_tokens)
+} else := input.request.max_tokens if {
+	is_number(input.request.max_tokens)
+} else := object.get(budgets.limits, "max_tokens", object.get(data.lockgate.expensive_calls, "default_output_tokens", 4096))
 
 # A call whose output may cost more than the team's threshold, in micro-dollars (the catalog
 # prices tokens in dollars per million tokens, which is micro-dollars per token).
@@ -56,8 +51,13 @@ expensive_approval := {
 	cost > above
 }
 
-# The decision's approval: a held tool first, then an expensive call, else none.
-approval := tool_approval if {
+# The decision's approval: the first held tool's, else an expensive call's, else none.
+approval := {
+	"required": true,
+	"reason": sprintf("tool %s needs approval", [held_tools[0]]),
+	"approvers": data.lockgate.approval_tools[held_tools[0]].approvers,
+	"timeout_s": object.get(data.lockgate.approval_tools[held_tools[0]], "timeout_s", 900),
+} if {
 	count(held_tools) > 0
 } else := expensive_approval if {
 	expensive_approval

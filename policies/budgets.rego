@@ -22,34 +22,20 @@ import rego.v1
 
 import data.lockgate.models
 
-team := models.team
+# The decision's budgets: each money field the team's data sets, charged to its scope and window.
+reserve := [{"scope": scope, "window": window, "limit_micro_usd": limit} |
+	some [field, scope, window] in [
+		["monthly_budget_micro_usd", sprintf("team:%s", [input.principal.team]), "month"],
+		["daily_budget_micro_usd", sprintf("team:%s", [input.principal.team]), "day"],
+		["user_monthly_budget_micro_usd", sprintf("user:%s", [input.principal.user]), "month"],
+	]
+	limit := models.team[field]
+]
 
 default default_limits := {}
 
 default_limits := data.lockgate.default_limits
 
-team_month := [{"scope": sprintf("team:%s", [input.principal.team]), "window": "month", "limit_micro_usd": team.monthly_budget_micro_usd}] if {
-	is_number(team.monthly_budget_micro_usd)
-} else := []
-
-team_day := [{"scope": sprintf("team:%s", [input.principal.team]), "window": "day", "limit_micro_usd": team.daily_budget_micro_usd}] if {
-	is_number(team.daily_budget_micro_usd)
-} else := []
-
-user_month := [{"scope": sprintf("user:%s", [input.principal.user]), "window": "month", "limit_micro_usd": team.user_monthly_budget_micro_usd}] if {
-	is_number(team.user_monthly_budget_micro_usd)
-} else := []
-
-# The decision's budgets.
-reserve := array.concat(array.concat(team_month, team_day), user_month)
-
-limit_names := {
-	"max_tokens", "requests_per_minute", "tokens_per_minute", "concurrent",
-	"max_steps_per_run", "max_cost_micro_usd_per_run",
-}
-
-# The decision's limits: the team's over the defaults (rate limits merge per level).
-limits := {name: value |
-	some name, value in object.union(default_limits, object.get(team, "limits", {}))
-	name in limit_names
-}
+# The decision's limits: the team's over the defaults (rate limits merge level by level). The
+# gateway reads the names above and ignores any other.
+limits := object.union(default_limits, object.get(models.team, "limits", {}))

@@ -55,9 +55,9 @@ test_rate_limits_merge_per_level if {
 	limits == {"requests_per_minute": {"user": 60, "team": 600}}
 }
 
-test_unknown_limit_names_are_not_passed_on if {
+test_limits_pass_through_as_the_data_gives_them if {
 	limits := lockgate.budgets.limits with input as call({"team": "lab"}, {})
-		with data.lockgate.teams as {"lab": {"limits": {"max_tokens": 10, "max_cost_usd_per_run": 1.5}}}
-		with data.lockgate.default_limits as {}
-	limits == {"max_tokens": 10}
+		with data.lockgate.teams as {"lab": {"limits": {"max_tokens": 10, "concurrent": {"key": 2}}}}
+		with data.lockgate.default_limits as {"max_tokens": 4000}
+	limits == {"max_tokens": 10, "concurrent": {"key": 2}}
 }

@@ -16,7 +16,7 @@
 # the files of one team's settings add up: data.lockgate.teams.research gets its models from
 # teams.json and its budget from budgets.json. Rules live in packages data.lockgate.<concern>,
 # so no data key under data.lockgate may be named models, routing, budgets, approvals, tools
-# or residency, nor like a rule of this module (decision, deny, audit_content, ...).
+# or residency, nor like a rule of this module (decision, deny, may_approve, response_decision).
 package lockgate
 
 import rego.v1
@@ -31,10 +31,6 @@ import data.lockgate.tools
 # Every reason to refuse the call, whichever concern gives it.
 deny := (models.deny | tools.deny) | residency.deny
 
-# What the audit record keeps of prompt and reply: off, unless the team's data says hash,
-# redacted or full (docs/audit.md).
-audit_content := object.get(models.team, "audit_content", "off")
-
 default decision := {"allow": false, "reasons": ["no rule of the policy allowed this call"]}
 
 decision := {"allow": false, "reasons": sort(deny)} if count(deny) > 0
@@ -42,11 +38,13 @@ decision := {"allow": false, "reasons": sort(deny)} if count(deny) > 0
 decision := {
 	"allow": true,
 	"reasons": [sprintf("team %s may use %s", [input.principal.team, models.model])],
-	"route": {"model": routing.model, "fallbacks": routing.fallbacks},
+	"route": {"model": models.model, "fallbacks": routing.fallbacks},
 	"budgets": budgets.reserve,
 	"limits": budgets.limits,
 	"approval": approvals.approval,
-	"audit": {"labels": {"team": input.principal.team}, "content": audit_content},
+	# What the audit record keeps of prompt and reply: off, unless the team's data says hash,
+	# redacted or full (docs/audit.md).
+	"audit": {"labels": {"team": input.principal.team}, "content": object.get(models.team, "audit_content", "off")},
 } if {
 	count(deny) == 0
 	models.permitted

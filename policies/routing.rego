@@ -13,10 +13,8 @@ import rego.v1
 import data.lockgate.models
 import data.lockgate.residency
 
-model := models.model
-
 fallbacks := [m |
-	some m in object.get(data.lockgate.fallbacks, model, [])
+	some m in object.get(data.lockgate.fallbacks, models.model, [])
 	m in models.team.models
 	residency.allows(m)
 ]

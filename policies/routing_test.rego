@@ -7,7 +7,7 @@ import data.lockgate
 import data.lockgate_test.call
 
 test_the_route_is_the_model_an_alias_means if {
-	lockgate.routing.model == "mock-smart" with input as call({}, {"model": "smart"})
+	lockgate.decision.route.model == "mock-smart" with input as call({}, {"model": "smart"})
 }
 
 test_fallbacks_follow_the_data if {
