@@ -12,7 +12,11 @@ import rego.v1
 
 # The catalog model the caller means: an alias resolves to its catalog name; any other name is
 # taken as it is (and gets 404 model_not_found from the gateway if the catalog lacks it).
-model := object.get(data.lockgate.aliases, input.request.model, input.request.model)
+model := object.get(aliases, input.request.model, input.request.model)
+
+default aliases := {}
+
+aliases := data.lockgate.aliases
 
 # The caller's team, as the data describes it; undefined for a team the data does not name.
 team := data.lockgate.teams[input.principal.team]

@@ -255,3 +255,17 @@ def test_the_policy_revision_names_the_content_of_rules_and_data(tmp_path: Path)
     assert load_policy_source(same, ()).revision != revision
     (first / "lockgate.rego").write_text((first / "lockgate.rego").read_text() + "\n# a comment\n")
     assert load_policy_source(first, ()).revision != revision
+
+
+def test_the_shipped_rules_need_only_teams_in_their_data(tmp_path: Path) -> None:
+    """Every other data key of the shipped set is optional: a concern without its data restricts
+    nothing, rather than leaving the decision undefined (a denial for every call)."""
+    folder = shipped_policy_copy(tmp_path / "p", {"teams": {"lab": {"models": ["m"]}}})
+    source = load_policy_source(folder, ())
+    engine = EmbeddedEngine(PolicySource(modules=source.modules, data=source.data))
+    policy_input = {"principal": {"key_id": "k", "user": "ana", "team": "lab", "org": "o"},
+                    "request": {"model": "m", "tools": ["search_web"], "max_tokens": None}}
+    assert engine.evaluate(DECISION, policy_input) == {
+        "allow": True, "reasons": ["team lab may use m"], "route": {"model": "m", "fallbacks": []},
+        "budgets": [], "limits": {}, "approval": {"required": False},
+        "audit": {"labels": {"team": "lab"}, "content": "off"}}
