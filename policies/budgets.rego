@@ -23,13 +23,13 @@ import rego.v1
 import data.lockgate.models
 
 # The decision's budgets: each money field the team's data sets, charged to its scope and window.
-reserve := [{"scope": scope, "window": window, "limit_micro_usd": limit} |
-	some [field, scope, window] in [
-		["monthly_budget_micro_usd", sprintf("team:%s", [input.principal.team]), "month"],
-		["daily_budget_micro_usd", sprintf("team:%s", [input.principal.team]), "day"],
-		["user_monthly_budget_micro_usd", sprintf("user:%s", [input.principal.user]), "month"],
+reserve := [{"scope": money.scope, "window": money.window, "limit_micro_usd": limit} |
+	some money in [
+		{"field": "monthly_budget_micro_usd", "scope": sprintf("team:%s", [input.principal.team]), "window": "month"},
+		{"field": "daily_budget_micro_usd", "scope": sprintf("team:%s", [input.principal.team]), "window": "day"},
+		{"field": "user_monthly_budget_micro_usd", "scope": sprintf("user:%s", [input.principal.user]), "window": "month"},
 	]
-	limit := models.team[field]
+	limit := models.team[money.field]
 ]
 
 default default_limits := {}
