@@ -357,3 +357,55 @@ def test_opa_reviews_the_tool_calls_of_replies(serve: Serve, opa: OpaServer, ups
     assert allowed == ["search_web"]
     assert "the model may not call delete_repo" in str(refused.value)
     assert sum(1 for q in opa.requests if q == ("POST", "/v1/data/lockgate/response_decision")) == 2
+
+
+TWO_HALVES = {"a": "package lockgate.a\nimport rego.v1\nhalf := {version}\n",
+              "b": "package lockgate.b\nimport rego.v1\nhalf := {version}\n",
+              "lockgate": "package lockgate\nimport rego.v1\n"
+                          'decision := {{"allow": data.lockgate.a.half == data.lockgate.b.half,\n'
+                          '             "reasons": ["the two halves of the policy disagree"]}}\n'}
+
+
+def test_no_call_is_decided_on_a_half_pushed_policy(serve: Serve, opa: OpaServer, upstream: FakeOpenAI,
+                                                   tmp_path: Path) -> None:
+    """OPA takes one module at a time: between the uploads of a.rego and b.rego it would deny
+    every call. Calls made during the (slowed) push wait for it, and are all allowed."""
+    import threading
+
+    folder = tmp_path / "policy"
+    folder.mkdir()
+
+    def write(version: int) -> None:
+        for name, text in TWO_HALVES.items():
+            (folder / f"{name}.rego").write_text(text.format(version=version))
+
+    write(1)
+    gateway = serve(policy_dir=str(folder), policy_reload_interval_s="0.1", policy_cache_size="0")
+    upstream.script(*(reply("Fine.") for _ in range(400)))
+    sdk = client(gateway)
+    outcomes: list[str] = []
+
+    def keep_calling() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(outcomes) < 200:
+            try:
+                sdk.chat.completions.create(model="mock-fast", messages=MESSAGES)
+                outcomes.append("allowed")
+            except openai.APIStatusError as exc:
+                outcomes.append(f"{exc.status_code} {exc.message}")
+            if any(r["policy_revision"] != revisions[0] for r in gateway.decisions(limit=5)):
+                return
+
+    revisions: list[str] = []
+    sdk.chat.completions.create(model="mock-fast", messages=MESSAGES)
+    revisions.append(records(gateway, 1)[0]["policy_revision"])
+    opa.push_delay_s = 0.4
+    caller = threading.Thread(target=keep_calling)
+    caller.start()
+    time.sleep(0.3)
+    write(2)
+    caller.join(timeout=60)
+
+    assert len(outcomes) >= 2 and set(outcomes) == {"allowed"}, outcomes
+    assert opa.evaluate("lockgate/a/half", {}) == opa.evaluate("lockgate/b/half", {}) == 2
+    assert any(r["policy_revision"] != revisions[0] for r in gateway.decisions())

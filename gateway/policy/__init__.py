@@ -7,6 +7,7 @@ shape, denies the call (fail closed).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Mapping
@@ -226,6 +227,10 @@ class PolicyStage:
         self._cache_size = cache_size
         reads = engine.input_reads
         self.cache = DecisionCache(reads, cache_size) if reads is not None and cache_size > 0 else None
+        # Cleared while a new policy is pushed to OPA and swapped in: remote decisions wait for it,
+        # so none is taken on a half-pushed policy (gateway/policy/reload.py).
+        self.settled = asyncio.Event()
+        self.settled.set()
 
     def swap(self, engine: PolicyEngine, revision: str) -> PolicyEngine:
         """Serve ``engine`` (policy ``revision``) from the next decision on, with an empty decision
@@ -261,6 +266,8 @@ class PolicyStage:
         """``decide`` on a remote engine: the same cache, shape checks and failures."""
         # The engine and cache of this moment: a swap during the await must not put the previous
         # policy's answer into the new policy's cache.
+        if not self.settled.is_set():
+            await self.settled.wait()
         engine, cache = self._remote, self.cache
         key, known = self._reused(policy_input)
         if known is not None:
