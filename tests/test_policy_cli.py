@@ -71,8 +71,8 @@ def test_check_prints_errors_and_warnings_with_file_line_and_column(tmp_path: Pa
         "depend on the network or the engine's runtime",
         f"{refused}/money.rego:4:11: warning: compares float dollars (input.estimate.cost_usd_max); regorus does "
         "float arithmetic in binary: use integer micro-dollars (input.estimate.cost_micro_usd_max)",
-        "1 errors, 1 warnings: refused: the gateway would not load it"]
-    assert good.returncode == 0 and good.stdout.splitlines()[-1] == "0 errors, 1 warnings: it loads"
+        "1 error, 1 warning: refused: the gateway would not load it"]
+    assert good.returncode == 0 and good.stdout.splitlines()[-1] == "0 errors, 1 warning: it loads"
 
 
 def test_check_refuses_a_recursive_rule_and_a_parse_error(tmp_path: Path) -> None:
