@@ -89,6 +89,8 @@ def _spend(windows: Mapping[str, int]) -> dict[str, Any]:
 def _strings(value: Any, what: str) -> tuple[str, ...]:
     if value is None:
         return ()
+    if isinstance(value, (set, frozenset)) and all(isinstance(v, str) for v in value):
+        value = sorted(value)  # regorus gives a Rego set as a set; OPA, in JSON, as a sorted array
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise PolicyEngineError(f"{what} must be an array of strings")
     return tuple(value)
