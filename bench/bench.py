@@ -242,10 +242,10 @@ def stop(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
 
 
 def write_policy(folder: Path) -> None:
-    folder.mkdir()
-    shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
-    data = {"lockgate": {"aliases": {}, "fallbacks": {}, "approval_tools": {},
-                         "teams": {"bench": {"models": [MODEL, CLAUDE], "monthly_budget_usd": 1_000_000}}}}
+    # The shipped rules (every module, not its tests or data), and data of its own: one team.
+    shutil.copytree(ROOT / "policies", folder, ignore=shutil.ignore_patterns("*_test.rego", "*.json"))
+    team = {"models": [MODEL, CLAUDE], "monthly_budget_micro_usd": 1_000_000_000_000}  # $1,000,000
+    data = {"lockgate": {"aliases": {}, "fallbacks": {}, "approval_tools": {}, "teams": {"bench": team}}}
     (folder / "data.json").write_text(json.dumps(data, indent=2))
 
 

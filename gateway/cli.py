@@ -409,7 +409,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         print(_located(finding, folder))
     errors, warnings = len(vetting.errors), len(vetting.warnings)
     verdict = "refused: the gateway would not load it" if errors else "it loads"
-    print(f"{errors} errors, {warnings} warnings: {verdict}")
+    print(f"{errors} error{'' if errors == 1 else 's'}, {warnings} warning{'' if warnings == 1 else 's'}: {verdict}")
     return 1 if errors else 0
 
 

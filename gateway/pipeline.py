@@ -260,6 +260,7 @@ class Pipeline:
         if not self.audit.available:
             self._audit_away(call)
         if decision.approval is not None:                                            # 4 hold
+            self._worst_case(call, facts, decision, models)  # one that cannot be accounted for is not held
             return await self._hold(request, call, raw, body, decision)
         return await self._execute(call, body, decision, models, forwarded_headers(headers, spec))
 

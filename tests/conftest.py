@@ -52,18 +52,28 @@ def run(coro: Any) -> Any:
 
 
 def write_policy(folder: Path, data: dict[str, Any] | None = None, **rego: str) -> Path:
-    """A policy folder for a gateway: the shipped policies/lockgate.rego, ``data`` as its
-    ``lockgate`` data (the shipped policies/data.json when None), and more rego files by name
-    (``review=REVIEW`` writes review.rego)."""
-    folder.mkdir()
-    shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
-    if data is None:
-        shutil.copy(ROOT / "policies" / "data.json", folder / "data.json")
-    else:
+    """A policy folder for a gateway: a copy of the shipped policy set (every module, test and
+    data file, subfolders too), with ``data`` as its whole ``lockgate`` data instead of the
+    shipped data files when given, and more rego files by name, replacing a shipped one of that
+    name (``review=REVIEW`` writes review.rego, in place of the shipped reply review)."""
+    shutil.copytree(ROOT / "policies", folder)
+    if data is not None:
+        for path in folder.rglob("*.json"):
+            path.unlink()
         (folder / "data.json").write_text(json.dumps({"lockgate": data}))
     for name, text in rego.items():
         (folder / f"{name}.rego").write_text(text)
     return folder
+
+
+def shipped_policy_data() -> dict[str, Any]:
+    """The shipped policy set's ``lockgate`` data, every data file merged: to change and pass to
+    ``write_policy``."""
+    from gateway.policy.source import load_policy_source
+
+    data = load_policy_source(ROOT / "policies", ()).data["lockgate"]
+    del data["catalog"]  # the gateway adds its own
+    return data
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, Gateway, _truncate_all, run, start_gateway, stop_gateway
+from tests.conftest import Gateway, _truncate_all, run, start_gateway, stop_gateway, write_policy
 from tests.fakes.openai_upstream import FakeOpenAI, error, tool_reply
 
 TOOLS: list[Any] = [{"type": "function", "function": {
@@ -116,12 +115,11 @@ def start(store_url: str, tmp_path: Path) -> Iterator[Start]:
 
 def policy_with(tmp_path: Path, **approval: Any) -> str:
     """The shipped policy, with transfer_funds's approval entry changed."""
-    folder = tmp_path / "policy"
-    folder.mkdir()
-    shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
-    data = json.loads((ROOT / "policies" / "data.json").read_text())
+    folder = write_policy(tmp_path / "policy")
+    rules = folder / "data" / "approvals.json"
+    data = json.loads(rules.read_text())
     data["lockgate"]["approval_tools"]["transfer_funds"].update(approval)
-    (folder / "data.json").write_text(json.dumps(data))
+    rules.write_text(json.dumps(data))
     return str(folder)
 
 
@@ -528,13 +526,11 @@ response_decision := {"allow": true, "approval": {"required": true, "approvers":
 @pytest.fixture
 def reviewing(start: Start, tmp_path: Path) -> Desk:
     """No request needs approval; a reply that calls transfer_funds does."""
-    folder = tmp_path / "review-policy"
-    folder.mkdir()
-    shutil.copy(ROOT / "policies" / "lockgate.rego", folder / "lockgate.rego")
-    data = json.loads((ROOT / "policies" / "data.json").read_text())
+    folder = write_policy(tmp_path / "review-policy", review=REVIEW)
+    rules = folder / "data" / "approvals.json"
+    data = json.loads(rules.read_text())
     data["lockgate"]["approval_tools"] = {}
-    (folder / "data.json").write_text(json.dumps(data))
-    (folder / "review.rego").write_text(REVIEW)
+    rules.write_text(json.dumps(data))
     return start(policy_dir=str(folder))
 
 

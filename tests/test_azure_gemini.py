@@ -48,7 +48,7 @@ def gateway(tmp_path: Path, azure: FakeOpenAI, gemini: FakeOpenAI) -> Iterator[I
     ]
     policy = write_policy(tmp_path / "policy", {
         "aliases": {}, "fallbacks": {}, "approval_tools": {},
-        "teams": {"research": {"models": [m["name"] for m in models], "monthly_budget_usd": 100}}})
+        "teams": {"research": {"models": [m["name"] for m in models], "monthly_budget_micro_usd": 100_000_000}}})
     settings = load_settings(environ={
         "LOCKGATE_DATABASE_URL": f"sqlite:///{tmp_path}/lockgate.db", "LOCKGATE_POLICY_DIR": str(policy),
         "LOCKGATE_MODELS": json.dumps(models), "LOCKGATE_UPSTREAM_RETRIES": "0",

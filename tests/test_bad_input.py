@@ -20,7 +20,7 @@ from gateway.app import endpoint_specs
 from gateway.endpoints import EndpointSpec
 from gateway.pipeline import MAX_MICRO_USD
 from gateway.settings import DEFAULT_MODELS, MAX_REQUEST_DEPTH, SettingsError, load_settings
-from tests.conftest import in_process
+from tests.conftest import in_process, shipped_policy_data, write_policy
 from tests.endpoint_probe import EndpointProbe, error_of, speaks_anthropic
 
 DEFAULTS = load_settings(environ={})
@@ -330,7 +330,10 @@ def test_a_worst_case_near_64_bits_beside_a_held_reservation_is_a_429_not_a_503(
                  + facts.output_tokens_max * cheap["output_usd_per_mtok"])
     assert MAX_MICRO_USD - round(tokens * price) < held  # the sum overflows while the cheap call's is held
     models = [cheap, {**DEFAULT_MODELS[1], "input_usd_per_mtok": price, "output_usd_per_mtok": price}]
+    data = shipped_policy_data()
+    del data["expensive_calls"]  # the shipped policy would hold so dear a call for an approver first
     settings = load_settings(environ={"LOCKGATE_DATABASE_URL": store_url, "LOCKGATE_MODELS": json.dumps(models),
+                                      "LOCKGATE_POLICY_DIR": str(write_policy(tmp_path / "policy", data)),
                                       "LOCKGATE_AUDIT_FLUSH_INTERVAL_S": "60"})  # the reservation stays held
     with in_process(settings) as gateway:
         probe = EndpointProbe(gateway, gateway.create_key(team="research"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -24,7 +23,7 @@ from gateway.errors import BudgetExceeded, StoreUnavailable
 from gateway.settings import DEFAULT_MODELS
 from gateway.store import BudgetLedger, DirectStatements, create_store_engine, create_tables
 from gateway.types import Budget, CatalogModel
-from tests.conftest import ROOT, Gateway, free_port, run, start_gateway, stop_gateway
+from tests.conftest import Gateway, free_port, run, start_gateway, stop_gateway, write_policy
 
 NOW = datetime(2026, 11, 25, 4, 0, tzinfo=UTC)
 MONTH = "2026-11"
@@ -293,7 +292,7 @@ async def test_concurrent_reservations_naming_budgets_in_different_orders_all_su
 
 # mock-smart's prices; "broken" is an OpenAI-compatible model on a loopback port nobody listens on.
 SMART = CatalogModel(**DEFAULT_MODELS[1])
-LIMIT_USD = 0.00115  # a little more than one worst-case call (below) plus a few actual ones
+LIMIT_MICRO_USD = 1150  # a little more than one worst-case call (below) plus a few actual ones
 BODY: dict[str, Any] = {"model": "mock-smart", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -303,13 +302,10 @@ def _worst_case(body: dict[str, Any]) -> int:
 
 
 def _start_tiny_budget_gateway(store_url: str, tmp_path: Path, **settings: str) -> Gateway:
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    shutil.copy(ROOT / "policies" / "lockgate.rego", policy / "lockgate.rego")
-    (policy / "data.json").write_text(json.dumps({"lockgate": {
+    policy = write_policy(tmp_path / "policy", {
         "aliases": {}, "fallbacks": {}, "approval_tools": {},
-        "teams": {"tiny": {"models": ["mock-smart", "broken"], "monthly_budget_usd": LIMIT_USD}},
-    }}))
+        "teams": {"tiny": {"models": ["mock-smart", "broken"], "monthly_budget_micro_usd": LIMIT_MICRO_USD}},
+    })
     broken = {**DEFAULT_MODELS[1], "name": "broken", "provider": "openai", "upstream_model": "gpt-broken",
               "base_url": f"http://127.0.0.1:{free_port()}/v1"}
     return start_gateway(store_url, tmp_path, policy_dir=str(policy), models=json.dumps([*DEFAULT_MODELS, broken]),
@@ -339,7 +335,7 @@ def test_calls_are_refused_with_429_once_the_team_budget_is_spent(store_url: str
     server = _start_tiny_budget_gateway(store_url, tmp_path)
     try:
         client = openai.OpenAI(base_url=server.v1, api_key=server.create_key(team="tiny", user="ana"), max_retries=0)
-        worst, limit = _worst_case(BODY), round(LIMIT_USD * 1e6)
+        worst, limit = _worst_case(BODY), LIMIT_MICRO_USD
         assert worst <= limit < 2 * worst  # so only the actual costs decide how many calls fit
 
         # A call whose provider fails releases its reservation and costs nothing.

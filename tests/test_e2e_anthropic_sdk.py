@@ -51,7 +51,7 @@ def gpt_upstream() -> Iterator[FakeOpenAI]:
 
 POLICY_DATA: dict[str, Any] = {
     "aliases": {}, "fallbacks": {}, "approval_tools": {},
-    "teams": {"research": {"models": ["claude", "gpt"], "monthly_budget_usd": 100}},
+    "teams": {"research": {"models": ["claude", "gpt"], "monthly_budget_micro_usd": 100_000_000}},
 }
 
 

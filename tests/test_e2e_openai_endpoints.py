@@ -34,8 +34,8 @@ def upstream() -> Iterator[FakeOpenAI]:
 POLICY_DATA: dict[str, Any] = {
     "aliases": {"gpt": "gpt-main", "vectors": "embed", "premium": "gpt-premium"}, "fallbacks": {},
     "approval_tools": {},
-    "teams": {"research": {"models": ["gpt-main", "embed"], "monthly_budget_usd": 100},
-              "support": {"models": ["gpt-main"], "monthly_budget_usd": 100}},
+    "teams": {"research": {"models": ["gpt-main", "embed"], "monthly_budget_micro_usd": 100_000_000},
+              "support": {"models": ["gpt-main"], "monthly_budget_micro_usd": 100_000_000}},
 }
 
 

@@ -12,9 +12,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.settings import load_settings
-from tests.conftest import InProcessGateway, in_process
-
-POLICY = (Path(__file__).resolve().parents[1] / "policies" / "lockgate.rego").read_text()
+from tests.conftest import InProcessGateway, in_process, write_policy
 
 
 def _closed_port() -> int:
@@ -25,17 +23,14 @@ def _closed_port() -> int:
 
 @pytest.fixture
 def app_client(tmp_path: Path) -> Iterator[tuple[InProcessGateway, dict[str, str]]]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "lockgate.rego").write_text(POLICY)
-    (policies / "data.json").write_text(json.dumps({"lockgate": {
+    policies = write_policy(tmp_path / "policies", {
         "aliases": {"ghost": "not-in-catalog"}, "fallbacks": {},
         "approval_tools": {"transfer_funds": {"approvers": ["finance"]}},
         "teams": {
-            "research": {"models": ["mock-fast", "not-in-catalog", "down"], "monthly_budget_usd": 100},
-            "broke": {"models": ["mock-fast"], "monthly_budget_usd": 0},
+            "research": {"models": ["mock-fast", "not-in-catalog", "down"], "monthly_budget_micro_usd": 100_000_000},
+            "broke": {"models": ["mock-fast"], "monthly_budget_micro_usd": 0},
         },
-    }}))
+    })
     models = [
         {"name": "mock-fast", "provider": "mock", "input_usd_per_mtok": 1, "output_usd_per_mtok": 1},
         {"name": "down", "provider": "openai", "base_url": f"http://127.0.0.1:{_closed_port()}/v1",

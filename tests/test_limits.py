@@ -186,6 +186,23 @@ def test_a_run_capped_at_three_steps_refuses_the_fourth(serve: Serve, upstream: 
     assert all(set(r) == {"id", "steps", "tokens", "cost_usd", "cost_micro_usd"} for r in runs)
 
 
+def test_a_run_capped_in_micro_dollars_refuses_a_step_it_cannot_cover(serve: Serve, upstream: FakeOpenAI,
+                                                                       store_url: str) -> None:
+    """limits.max_cost_micro_usd_per_run: a step whose worst case passes the run's cost cap is
+    refused before the provider sees it; a call outside the run is not capped."""
+    upstream.script(reply("step"), reply("alone"))
+    gateway = serve(store_url, limits={"max_cost_micro_usd_per_run": 30_000})  # 30 tokens at 1000 each
+    agent = client(gateway, gateway.create_key(team="research"))
+    run_header = {"Lockgate-Run-Id": "run-cost"}
+    agent.chat.completions.create(model="fake", messages=HI, max_tokens=5, extra_headers=run_header)
+    with pytest.raises(openai.RateLimitError) as caught:
+        # Its worst case alone (30 output tokens and the prompt) passes the cap.
+        agent.chat.completions.create(model="fake", messages=HI, max_tokens=30, extra_headers=run_header)
+    assert "run:run-cost" in caught.value.message and caught.value.body["code"] == "budget_exceeded"  # type: ignore[index]
+    assert agent.chat.completions.create(model="fake", messages=HI, max_tokens=30).choices[0].message.content == "alone"
+    assert len(upstream.requests) == 2
+
+
 def test_a_concurrency_limit_refuses_the_call_past_it(serve: Serve, upstream: FakeOpenAI, store_url: str) -> None:
     upstream.script(delay(1.0, reply("slow")), reply("after"))
     gateway = serve(store_url, limits={"concurrent": {"user": 1}})

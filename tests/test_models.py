@@ -53,7 +53,8 @@ def test_every_models_call_leaves_one_record_like_any_other_call(gateway: InProc
 
 def test_a_second_listing_reuses_the_policys_decisions(gateway: InProcessGateway) -> None:
     """The policy is asked once per catalog model and alias; a listing it cannot tell from an
-    earlier one (same team, for the default policy) asks it nothing more."""
+    earlier one (same user, team and org, for the default policy, whose budgets name the user)
+    asks it nothing more, whichever key asks."""
     key = gateway.create_key(team="research")
     engine = gateway.runtime.policy.engine
     asked: list[str] = []
@@ -66,7 +67,7 @@ def test_a_second_listing_reuses_the_policys_decisions(gateway: InProcessGateway
     engine.evaluate = counting  # type: ignore[method-assign]
     first = gateway.client.get("/v1/models", headers=auth(key)).json()
     decisions = asked.count(DECISION)
-    second = gateway.client.get("/v1/models", headers=auth(gateway.create_key(team="research", user="cy"))).json()
+    second = gateway.client.get("/v1/models", headers=auth(gateway.create_key(team="research", user="ana"))).json()
 
     assert first == second and {m["id"] for m in first["data"]} == {"mock-fast", "mock-smart", "fast", "smart"}
     assert decisions == 4 and asked.count(DECISION) == decisions

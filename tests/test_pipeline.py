@@ -25,7 +25,7 @@ from tests.fakes.openai_upstream import FakeOpenAI, delay, reply
 async def test_a_call_cancelled_mid_flight_is_recorded_and_releases_its_reservation(tmp_path: Path) -> None:
     policies = write_policy(tmp_path / "policies", {
         "aliases": {}, "fallbacks": {}, "approval_tools": {},
-        "teams": {"research": {"models": ["slow"], "monthly_budget_usd": 10}}})
+        "teams": {"research": {"models": ["slow"], "monthly_budget_micro_usd": 10_000_000}}})
     with FakeOpenAI.running() as upstream:
         upstream.script(delay(5, reply("too late")))
         models = [{"name": "slow", "provider": "openai", "base_url": upstream.url,

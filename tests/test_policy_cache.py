@@ -28,13 +28,19 @@ def stage(rules: str, data: dict[str, Any] | None = None, size: int = 16) -> Pol
     return PolicyStage(EmbeddedEngine(source), size)
 
 
-def test_the_shipped_policy_reads_team_model_and_tools() -> None:
+def test_the_shipped_policy_reads_the_caller_model_tools_and_max_tokens() -> None:
+    """Never the estimate, the spend or the clock, which change with every call: the shipped
+    policy's answer is reused for every call of a user with the same model, tools and max_tokens."""
     engine = regorus.Engine()
-    engine.add_policy("lockgate.rego", (ROOT / "policies" / "lockgate.rego").read_text())
-    # may_approve's reads (approval, decider) are never in a call's input: they key nothing.
+    for module in sorted((ROOT / "policies").glob("*.rego")):
+        if not module.name.endswith("_test.rego"):
+            engine.add_policy(module.name, module.read_text())
+    # may_approve's reads (approval, decider) and the reply review's (response) are never in a
+    # call's input: they key nothing.
     assert input_reads(json.loads(engine.get_ast_as_json())) == (
         ("approval", "approvers"), ("decider", "team"),
-        ("principal", "team"), ("request", "model"), ("request", "tools"))
+        ("principal", "org"), ("principal", "team"), ("principal", "user"),
+        ("request", "max_tokens"), ("request", "model"), ("request", "tools"), ("response", "tool_calls"))
 
 
 @pytest.mark.parametrize(("rules", "expected"), [

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import ROOT, Gateway, start_gateway, stop_gateway, write_policy
+from tests.conftest import ROOT, Gateway, shipped_policy_data, start_gateway, stop_gateway, write_policy
 
 WARNING = "package lockgate\nimport rego.v1\n\npricey if input.estimate.cost_usd_max > 0.5\n"
 REFUSED = 'package lockgate\nimport rego.v1\n\nx := http.send({"method": "get", "url": "http://intra/#a"})\n'
@@ -32,12 +31,7 @@ def lockgate(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[s
 
 
 def shipped_copy(folder: Path, **rego: str) -> Path:
-    folder.mkdir()
-    for name in ("lockgate.rego", "data.json", "lockgate_test.rego"):
-        shutil.copy(ROOT / "policies" / name, folder / name)
-    for name, text in rego.items():
-        (folder / f"{name}.rego").write_text(text)
-    return folder
+    return write_policy(folder, **rego)
 
 
 def test_every_policy_command_says_which_folder_it_read_flag_over_environment_over_yaml(tmp_path: Path) -> None:
@@ -77,8 +71,8 @@ def test_check_prints_errors_and_warnings_with_file_line_and_column(tmp_path: Pa
         "depend on the network or the engine's runtime",
         f"{refused}/money.rego:4:11: warning: compares float dollars (input.estimate.cost_usd_max); regorus does "
         "float arithmetic in binary: use integer micro-dollars (input.estimate.cost_micro_usd_max)",
-        "1 errors, 1 warnings: refused: the gateway would not load it"]
-    assert good.returncode == 0 and good.stdout.splitlines()[-1] == "0 errors, 1 warnings: it loads"
+        "1 error, 1 warning: refused: the gateway would not load it"]
+    assert good.returncode == 0 and good.stdout.splitlines()[-1] == "0 errors, 1 warning: it loads"
 
 
 def test_check_refuses_a_recursive_rule_and_a_parse_error(tmp_path: Path) -> None:
@@ -104,7 +98,9 @@ def test_test_reports_each_test_and_fails_with_one_failing_test(tmp_path: Path) 
     lines = result.stdout.splitlines()
     assert "FAIL data.extra_test.test_support_may_use_smart: evaluated to None" in lines
     assert "PASS data.lockgate_test.test_research_may_use_mock_fast" in lines
-    assert lines[-1] == "10 passed, 1 failed"
+    passed = sum(1 for line in lines if line.startswith("PASS "))
+    assert passed > 50  # every shipped test ran
+    assert lines[-1] == f"{passed} passed, 1 failed"
 
 
 def test_eval_prints_the_decision_as_json(tmp_path: Path) -> None:
@@ -135,7 +131,7 @@ def test_eval_never_evaluates_a_policy_the_guard_refuses(tmp_path: Path) -> None
 
 
 def denies_research(folder: Path) -> Path:
-    data = json.loads((ROOT / "policies" / "data.json").read_text())["lockgate"]
+    data = shipped_policy_data()
     del data["teams"]["research"]
     return write_policy(folder, data)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from gateway.policy import DECISION, MAY_APPROVE, RESPONSE_DECISION, build_input
+from gateway.policy import DECISION, MAY_APPROVE, RESPONSE_DECISION, build_input, parse_decision
 from gateway.policy.embedded import EmbeddedEngine, PolicyEngineError
 from gateway.policy.opa import OpaConfig, OpaEngine
 from gateway.policy.preflight import run_preflight
@@ -238,8 +238,8 @@ KNOWN_DIVERGENCES: dict[str, Divergence] = {
                                 "adding a month to Jan 31: regorus clamps to Feb 28, OPA (Go) rolls over to Mar 3"),
     "sets_ops": Divergence([{"a", "b", "z", "ç"}, {"a"}, {"b", "ç"}, 3], [["a", "b", "z", "ç"], ["a"], ["b", "ç"], 3],
                            "a set in an answer reaches the gateway as a Python set from regorus, as a JSON array "
-                           "from OPA: a decision field that must be an array (reasons, approvers, fallbacks) "
-                           "given as a set is refused by the embedded engine only"),
+                           "from OPA; a decision's arrays of strings (reasons, approvers, fallbacks) may be sets "
+                           "and are read as sorted arrays, so the decisions agree"),
 }
 
 
@@ -286,3 +286,18 @@ def test_a_recursive_policy_is_refused_by_both_load_paths(opa: OpaServer) -> Non
     # anything is evaluated (gateway/policy/guard.py, run in the preflight child).
     with pytest.raises(ValueError, match="recursive rules are not allowed"):
         run_preflight(source)
+
+
+def test_a_set_where_the_decision_wants_an_array_of_strings_is_read_alike_from_both_engines(opa: OpaServer) -> None:
+    rego = ('package lockgate\nimport rego.v1\n'
+            'decision := {"allow": false, "reasons": {r | some r in ["b", "a", "b"]},\n'
+            '             "route": {"fallbacks": {"mock-smart", "mock-fast"}}}\n')
+    source = PolicySource(modules={"corpus.rego": rego}, data={})
+    embedded = EmbeddedEngine(source)
+    try:
+        mine = parse_decision(embedded.evaluate(DECISION, {}))
+    finally:
+        embedded.close()
+    [theirs] = opa_answers(opa, source, [(DECISION, {})])
+    assert mine == parse_decision(theirs)
+    assert mine.reasons == ("a", "b") and mine.fallbacks == ("mock-fast", "mock-smart")

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.policy.source import load_policy_source
 from gateway.settings import load_settings
-from tests.conftest import ROOT, Gateway, start_gateway, stop_gateway, write_policy
+from tests.conftest import ROOT, Gateway, shipped_policy_data, start_gateway, stop_gateway, write_policy
 from tests.fakes.opa_server import OpaServer
 from tests.fakes.openai_upstream import FakeOpenAI, reply
 from tests.test_approvals import Desk
@@ -110,8 +110,9 @@ def test_push_mode_uploads_the_folder_and_serves_allowed_and_denied_calls(
     folder = policy_folder(tmp_path, **EXTRA)
     gateway = serve(policy_dir=str(folder))
     pushed = {path for method, path in opa.requests if method == "PUT"}
-    assert pushed == {"/v1/data/lockgate", "/v1/policies/lockgate/lockgate.rego",
-                      "/v1/policies/lockgate/labels.rego", "/v1/policies/lockgate/audit_extra.rego"}
+    shipped = {p.name for p in (ROOT / "policies").glob("*.rego") if not p.name.endswith("_test.rego")}
+    assert pushed == {"/v1/data/lockgate", *(f"/v1/policies/lockgate/{name}"  # every module, no test
+                                             for name in shipped | {"labels.rego", "audit_extra.rego"})}
     assert sorted(opa.data["lockgate"]["catalog"]) == ["mock-fast", "mock-smart"]  # the catalog, as data
     assert opa.evaluate("lockgate/audit_extra/label", {"principal": {"team": "Research"}}) == "research"
     upstream.script(reply("Hello through OPA."), reply("Again."))
@@ -121,7 +122,7 @@ def test_push_mode_uploads_the_folder_and_serves_allowed_and_denied_calls(
     again = research.chat.completions.create(model="fast", messages=MESSAGES)
     with pytest.raises(openai.PermissionDeniedError) as denied:
         client(gateway, team="support", user="sam").chat.completions.create(model="smart", messages=MESSAGES)
-    listed = sorted(m.id for m in client(gateway, team="support", user="sue").models.list())
+    listed = sorted(m.id for m in client(gateway, team="support", user="sam").models.list())  # another key
 
     assert answer.choices[0].message.content == "Hello through OPA."
     assert again.choices[0].message.content == "Again."
@@ -144,8 +145,8 @@ def test_push_mode_uploads_the_folder_and_serves_allowed_and_denied_calls(
 
 def test_approval_and_budgets_work_with_opa(serve: Serve, opa: OpaServer, upstream: FakeOpenAI,
                                             tmp_path: Path) -> None:
-    data = json.loads((ROOT / "policies" / "data.json").read_text())["lockgate"]
-    data["teams"]["support"]["monthly_budget_usd"] = 0.000001  # less than any call's worst case
+    data = shipped_policy_data()
+    data["teams"]["support"]["monthly_budget_micro_usd"] = 1  # less than any call's worst case
     folder = write_policy(tmp_path / "policy", data)
     gateway = serve(policy_dir=str(folder), approval_hold_s="20", approval_poll_interval_s="0.1")
     desk = Desk(gateway)
@@ -356,3 +357,55 @@ def test_opa_reviews_the_tool_calls_of_replies(serve: Serve, opa: OpaServer, ups
     assert allowed == ["search_web"]
     assert "the model may not call delete_repo" in str(refused.value)
     assert sum(1 for q in opa.requests if q == ("POST", "/v1/data/lockgate/response_decision")) == 2
+
+
+TWO_HALVES = {"a": "package lockgate.a\nimport rego.v1\nhalf := {version}\n",
+              "b": "package lockgate.b\nimport rego.v1\nhalf := {version}\n",
+              "lockgate": "package lockgate\nimport rego.v1\n"
+                          'decision := {{"allow": data.lockgate.a.half == data.lockgate.b.half,\n'
+                          '             "reasons": ["the two halves of the policy disagree"]}}\n'}
+
+
+def test_no_call_is_decided_on_a_half_pushed_policy(serve: Serve, opa: OpaServer, upstream: FakeOpenAI,
+                                                   tmp_path: Path) -> None:
+    """OPA takes one module at a time: between the uploads of a.rego and b.rego it would deny
+    every call. Calls made during the (slowed) push wait for it, and are all allowed."""
+    import threading
+
+    folder = tmp_path / "policy"
+    folder.mkdir()
+
+    def write(version: int) -> None:
+        for name, text in TWO_HALVES.items():
+            (folder / f"{name}.rego").write_text(text.format(version=version))
+
+    write(1)
+    gateway = serve(policy_dir=str(folder), policy_reload_interval_s="0.1", policy_cache_size="0")
+    upstream.script(*(reply("Fine.") for _ in range(400)))
+    sdk = client(gateway)
+    outcomes: list[str] = []
+
+    def keep_calling() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(outcomes) < 200:
+            try:
+                sdk.chat.completions.create(model="mock-fast", messages=MESSAGES)
+                outcomes.append("allowed")
+            except openai.APIStatusError as exc:
+                outcomes.append(f"{exc.status_code} {exc.message}")
+            if any(r["policy_revision"] != revisions[0] for r in gateway.decisions(limit=5)):
+                return
+
+    revisions: list[str] = []
+    sdk.chat.completions.create(model="mock-fast", messages=MESSAGES)
+    revisions.append(records(gateway, 1)[0]["policy_revision"])
+    opa.push_delay_s = 0.4
+    caller = threading.Thread(target=keep_calling)
+    caller.start()
+    time.sleep(0.3)
+    write(2)
+    caller.join(timeout=60)
+
+    assert len(outcomes) >= 2 and set(outcomes) == {"allowed"}, outcomes
+    assert opa.evaluate("lockgate/a/half", {}) == opa.evaluate("lockgate/b/half", {}) == 2
+    assert any(r["policy_revision"] != revisions[0] for r in gateway.decisions())

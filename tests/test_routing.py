@@ -65,7 +65,8 @@ def upstream() -> Iterator[FakeOpenAI]:
 POLICY_DATA: dict[str, Any] = {
     "aliases": {},
     "fallbacks": {"primary": ["backup"]},
-    "teams": {"research": {"models": ["primary", "backup", "pooled", "lonely", "accounts"], "monthly_budget_usd": 100}},
+    "teams": {"research": {"models": ["primary", "backup", "pooled", "lonely", "accounts"],
+                           "monthly_budget_micro_usd": 100_000_000}},
     "approval_tools": {},
 }
 

@@ -7,6 +7,7 @@ shape, denies the call (fail closed).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Mapping
@@ -88,6 +89,8 @@ def _spend(windows: Mapping[str, int]) -> dict[str, Any]:
 def _strings(value: Any, what: str) -> tuple[str, ...]:
     if value is None:
         return ()
+    if isinstance(value, (set, frozenset)) and all(isinstance(v, str) for v in value):
+        value = sorted(value)  # regorus gives a Rego set as a set; OPA, in JSON, as a sorted array
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise PolicyEngineError(f"{what} must be an array of strings")
     return tuple(value)
@@ -154,6 +157,22 @@ def _positive_int(value: Any, what: str) -> int | None:
     return value
 
 
+def _run_cost_cap(limits: Mapping[str, Any]) -> int | None:
+    """What one run may cost, in micro-dollars: ``limits.max_cost_micro_usd_per_run`` (a whole
+    number) or ``limits.max_cost_usd_per_run`` (dollars); with both, the lower."""
+    caps = []
+    dollars = limits.get("max_cost_usd_per_run")
+    if dollars is not None:
+        if not (isinstance(dollars, (int, float)) and not isinstance(dollars, bool) and math.isfinite(dollars)
+                and dollars >= 0):
+            raise PolicyEngineError("decision.limits.max_cost_usd_per_run must be a number of dollars")
+        caps.append(_limit(round(dollars * MICRO), "max_cost_usd_per_run"))
+    micro = limits.get("max_cost_micro_usd_per_run")
+    if micro is not None:
+        caps.append(_limit(micro, "decision.limits.max_cost_micro_usd_per_run"))
+    return min(caps) if caps else None
+
+
 def parse_decision(raw: Any) -> Decision:
     """Check the shape of the policy's answer; anything unexpected is an engine error."""
     raw = _object(raw, "decision")
@@ -180,10 +199,7 @@ def parse_decision(raw: Any) -> Decision:
     limits = _object(raw.get("limits"), "decision.limits")
     max_tokens = _positive_int(limits.get("max_tokens"), "decision.limits.max_tokens")
     max_steps = _positive_int(limits.get("max_steps_per_run"), "decision.limits.max_steps_per_run")
-    max_run_cost = limits.get("max_cost_usd_per_run")
-    if max_run_cost is not None and not (isinstance(max_run_cost, (int, float)) and not isinstance(max_run_cost, bool)
-                                         and math.isfinite(max_run_cost) and max_run_cost >= 0):
-        raise PolicyEngineError("decision.limits.max_cost_usd_per_run must be a number of dollars")
+    max_run_micro_usd = _run_cost_cap(limits)
     for name in RATE_LIMITS:
         _object(limits.get(name), f"decision.limits.{name}")
     audit = _object(raw.get("audit"), "decision.audit")
@@ -199,7 +215,7 @@ def parse_decision(raw: Any) -> Decision:
         budgets=tuple(_budget(b) for b in budgets),
         max_tokens=max_tokens,
         max_steps_per_run=max_steps,
-        max_run_micro_usd=None if max_run_cost is None else _limit(round(max_run_cost * MICRO), "max_cost_usd_per_run"),
+        max_run_micro_usd=max_run_micro_usd,
         rate_limits={name: dict(limits[name]) for name in RATE_LIMITS if limits.get(name)},
         audit_labels={str(k): str(v) for k, v in _object(audit.get("labels"), "decision.audit.labels").items()},
         audit_content=content,
@@ -213,6 +229,10 @@ class PolicyStage:
         self._cache_size = cache_size
         reads = engine.input_reads
         self.cache = DecisionCache(reads, cache_size) if reads is not None and cache_size > 0 else None
+        # Cleared while a new policy is pushed to OPA and swapped in: remote decisions wait for it,
+        # so none is taken on a half-pushed policy (gateway/policy/reload.py).
+        self.settled = asyncio.Event()
+        self.settled.set()
 
     def swap(self, engine: PolicyEngine, revision: str) -> PolicyEngine:
         """Serve ``engine`` (policy ``revision``) from the next decision on, with an empty decision
@@ -248,6 +268,8 @@ class PolicyStage:
         """``decide`` on a remote engine: the same cache, shape checks and failures."""
         # The engine and cache of this moment: a swap during the await must not put the previous
         # policy's answer into the new policy's cache.
+        if not self.settled.is_set():
+            await self.settled.wait()
         engine, cache = self._remote, self.cache
         key, known = self._reused(policy_input)
         if known is not None:

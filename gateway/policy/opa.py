@@ -109,24 +109,29 @@ class OpaEngine:
     async def _push(self, source: PolicySource) -> None:
         client = self._client
         wanted = {POLICY_ID_PREFIX + name: text for name, text in source.modules.items()}
-        for stale in await client.get_policies_list():
-            if stale.startswith(POLICY_ID_PREFIX) and stale not in wanted:
-                await client.delete_policy(stale)
+        listed = await client.get_policies_list()  # first: a refused token stops here, plainly
         for key, value in source.data.items():
             if not isinstance(value, dict):
                 raise PolicyEngineError(f"push mode uploads data by top-level key; data.{key} must be an object")
             await client.update_or_create_data(value, key)
-        # OPA compiles every module with the ones it already has, so a module calling a function of
-        # another one not pushed yet is refused: push in rounds, each retrying what was refused,
-        # until all are in or a round makes no progress (at most one round per module).
-        pending, error = dict(wanted), None
+        # OPA compiles every module with the ones it already has, after each change: a module calling
+        # a function of another one not pushed yet is refused, and so is deleting a module others
+        # still call. So the changes go in rounds (stale modules deleted, then the folder's put), each
+        # retrying what was refused, until all are done or a round makes no progress.
+        stale = [i for i in listed if i.startswith(POLICY_ID_PREFIX) and i not in wanted]
+        pending: list[tuple[str, str | None]] = [(i, None) for i in stale] + list(wanted.items())
+        error: Exception | None = None
         while pending:
-            refused: dict[str, str] = {}
-            for policy_id, text in pending.items():
+            refused = []
+            for policy_id, text in pending:
                 try:
-                    await client.update_policy_from_string(text, policy_id, rego_compat=False)
-                except Exception as exc:  # RegoParseError: OPA's compile errors
-                    refused[policy_id], error = text, exc
+                    if text is None:
+                        await client.delete_policy(policy_id)
+                    else:
+                        await client.update_policy_from_string(text, policy_id, rego_compat=False)
+                except Exception as exc:  # OPA's compile errors
+                    refused.append((policy_id, text))
+                    error = exc
             if len(refused) == len(pending):
                 raise PolicyEngineError(f"OPA refused the policy: {error}")
             pending = refused

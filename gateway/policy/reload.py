@@ -100,13 +100,20 @@ class PolicyReloader(_Watcher):
             await asyncio.to_thread(self._vet, source)  # a child process: never blocks the loop
             engine = self._compile(source)  # here, on the loop's thread: the engine is used only from it
             if engine.remote:
-                await self._push(cast(RemotePolicyEngine, engine))
+                # OPA takes modules one at a time: decisions wait until the push and the swap are done.
+                self._stage.settled.clear()
+                try:
+                    await self._push(cast(RemotePolicyEngine, engine))
+                except BaseException:
+                    self._stage.settled.set()
+                    raise
         except (ValueError, RuntimeError) as exc:
             self._event("lockgate.policy.reload_rejected", previous, None, str(exc))
             log.error("the changed %s policy in %s was rejected; revision %s keeps serving: %s",
                       self._name, self._folder, previous, exc)
             return None
         old = self._stage.swap(engine, source.revision)
+        self._stage.settled.set()
         old.close()
         if old.remote:  # once the queries still in flight on it have had their time
             await cast(RemotePolicyEngine, old).retire()

@@ -66,6 +66,9 @@ def catalog_data(models: tuple[CatalogModel, ...]) -> dict[str, Any]:
             "upstream_model": m.upstream_model,
             "input_usd_per_mtok": m.input_usd_per_mtok,
             "output_usd_per_mtok": m.output_usd_per_mtok,
+            # exact: micro-dollars per million tokens, for rules that compute with prices
+            "input_micro_usd_per_mtok": round(m.input_usd_per_mtok * 1_000_000),
+            "output_micro_usd_per_mtok": round(m.output_usd_per_mtok * 1_000_000),
         }
         for m in models
     }
