@@ -16,7 +16,6 @@ released by any process once its lease ends (``LeaseReaper``), and the release i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -32,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.errors import BudgetExceeded, RateLimited, StoreUnavailable
+from gateway.periodic import Periodic
 from gateway.store import ApiKey, BudgetLedger, DirectStatements, LedgerReservation
 from gateway.types import Budget
 
@@ -307,7 +307,7 @@ def settlement_statements(settlements: Sequence[dict[str, Any]], postgres: bool
     return [*statements, (SETTLE, rows), (SETTLED, [(i,) for i in ids])]
 
 
-class LeaseReaper:
+class LeaseReaper(Periodic):
     """Every ``interval_s``, release the reservations whose lease ended (``release_expired``), and
     audit each release as a span of its own (``lockgate.ledger.lease_released``)."""
 
@@ -315,18 +315,9 @@ class LeaseReaper:
         self._ledger = ledger
         self._tracer = tracer
         self._interval = interval_s
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="lockgate-lease-reaper")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.reap()
-            except Exception:
-                log.warning("releasing reservations whose lease ended failed; trying again", exc_info=True)
+    async def tick(self) -> int:
+        return await self.reap()
 
     async def reap(self) -> int:
         released = await self._ledger.release_expired(datetime.now(UTC))
@@ -340,6 +331,3 @@ class LeaseReaper:
             span.end()
         return len(released)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()

@@ -592,6 +592,14 @@ def _trace_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--approval", help="approval id (apr_...)")
 
 
+def _record_filters(command: argparse.ArgumentParser) -> None:
+    """The records ``policy replay`` and ``policy shadow-report`` read."""
+    command.add_argument("--since", default="24h", help="a duration back from now (90m, 1h, 7d) or a date or time "
+                                                        "(default: 24h)")
+    command.add_argument("--team", help="only this team's calls")
+    command.add_argument("--limit", type=int, default=100_000, help="at most this many of the latest records")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockgate", description="Lockgate, the governance-first LLM gateway.")
     parser.add_argument("--config", help="YAML settings file (default: $LOCKGATE_CONFIG, else built-in defaults)")
@@ -680,18 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     peval.set_defaults(func=cmd_policy_eval)
     preplay = policy.add_parser("replay", help="re-decide recorded calls with a candidate policy; list every "
                                                "decision that would change")
-    preplay.add_argument("--since", default="24h", help="a duration back from now (90m, 1h, 7d) or a date or time "
-                                                        "(default: 24h)")
-    preplay.add_argument("--team", help="only this team's calls")
-    preplay.add_argument("--limit", type=int, default=100_000, help="at most this many of the latest records")
+    _record_filters(preplay)
     preplay.add_argument("--policy-dir", help="the candidate policy folder (default: setting policy_dir)")
     preplay.set_defaults(func=cmd_policy_replay)
     pshadow = policy.add_parser("shadow-report", help="recorded calls where the shadow policy (policy_shadow_dir) "
                                                       "disagreed with the live one")
-    pshadow.add_argument("--since", default="24h", help="a duration back from now (90m, 1h, 7d) or a date or time "
-                                                        "(default: 24h)")
-    pshadow.add_argument("--team", help="only this team's calls")
-    pshadow.add_argument("--limit", type=int, default=100_000, help="at most this many of the latest records")
+    _record_filters(pshadow)
     pshadow.set_defaults(func=cmd_policy_shadow_report)
 
     commands.add_parser("settings", help="list every setting").set_defaults(func=cmd_settings)

@@ -225,6 +225,10 @@ def parse_decision(raw: Any) -> Decision:
 class PolicyStage:
     def __init__(self, engine: PolicyEngine, cache_size: int = 0, revision: str = "") -> None:
         self.engine = engine
+        # The engine answers over the network (OPA): the pipeline then awaits ``decide_async``,
+        # ``review_response_async`` and ``may_approve_async``; the embedded engine is asked
+        # synchronously, with no coroutine on its path. An attribute: read on every call.
+        self.remote = engine.remote
         self.revision = revision  # recorded on every decision record and root span
         self._cache_size = cache_size
         reads = engine.input_reads
@@ -242,15 +246,8 @@ class PolicyStage:
         old = self.engine
         reads = engine.input_reads
         cache = DecisionCache(reads, self._cache_size) if reads is not None and self._cache_size > 0 else None
-        self.engine, self.revision, self.cache = engine, revision, cache
+        self.engine, self.revision, self.cache, self.remote = engine, revision, cache, engine.remote
         return old
-
-    @property
-    def remote(self) -> bool:
-        """The engine answers over the network (OPA): the pipeline then awaits ``decide_async``,
-        ``review_response_async`` and ``may_approve_async``; the embedded engine is asked
-        synchronously, with no coroutine on its path."""
-        return self.engine.remote
 
     def decide(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Any, bool]:
         """The decision, the raw answer (kept for the audit record), and whether it was reused

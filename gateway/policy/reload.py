@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from opentelemetry.trace import Status, StatusCode, Tracer
 
+from gateway.periodic import Periodic
 from gateway.policy import PolicyEngine, PolicyStage
 from gateway.policy.source import PolicySource
 from gateway.types import RemotePolicyEngine
@@ -42,38 +43,7 @@ def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
         return ()
 
 
-class _Watcher:
-    """A task that calls ``check`` every ``interval_s`` (none when it is 0) until closed; a failed
-    look is logged and the next one tried."""
-
-    _interval: float
-    _task: asyncio.Task[None] | None = None
-
-    async def check(self) -> str | None:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        if self._interval > 0:
-            self._task = asyncio.create_task(self._run(), name=f"lockgate-{type(self).__name__}")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.check()
-            except Exception:  # never let the watcher die: the next look may succeed
-                log.exception("%s: looking for a changed policy failed", type(self).__name__)
-
-
-class PolicyReloader(_Watcher):
+class PolicyReloader(Periodic):
     def __init__(self, stage: PolicyStage, folder: Path, load: Load, vet: Vet, compile_engine: Compile,
                  tracer: Tracer, interval_s: float, name: str = "live") -> None:
         self._stage = stage
@@ -85,6 +55,9 @@ class PolicyReloader(_Watcher):
         self._interval = interval_s
         self._name = name  # "live" or "shadow"
         self._seen = fingerprint(folder)
+
+    async def tick(self) -> str | None:
+        return await self.check()
 
     async def check(self) -> str | None:
         """Reload if the folder changed: the new revision if it was swapped in, else None."""
@@ -154,7 +127,7 @@ def policy_event(tracer: Tracer, name: str, attributes: dict[str, str], previous
     span.end()
 
 
-class BundleWatcher(_Watcher):
+class BundleWatcher(Periodic):
     """Bundle mode of the OPA engine: OPA loads the team's bundles itself, so instead of a folder,
     the bundles' revision OPA reports is read every ``interval_s``; a new one is recorded from the
     next call on (the ``lockgate.policy.reloaded`` span says when). A call decided between OPA's
@@ -164,6 +137,9 @@ class BundleWatcher(_Watcher):
         self._stage = stage
         self._tracer = tracer
         self._interval = interval_s
+
+    async def tick(self) -> str | None:
+        return await self.check()
 
     async def check(self) -> str | None:
         """The new revision if OPA reports another one, else None."""
