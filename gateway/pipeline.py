@@ -445,6 +445,8 @@ class Pipeline:
         call.policy_input = build_input(principal, facts, estimate, spend, rfc3339(call.now), call.run_id)
         span = self.tracer.start_span("policy.decide", attributes={"lockgate.policy.entrypoint": DECISION})
         policy = self.policy
+        if policy.remote:  # a push in progress: wait for it, so the revision recorded is the one deciding
+            await policy.ready()
         call.policy_revision = policy.revision  # the one that decides: a reload may follow
         if self.shadow is not None:
             call.shadow = self._shadow(call.policy_input)

@@ -5,8 +5,7 @@
 #       "offered" (the default): a request that offers the tool to the model is held before any
 #       provider sees it. "called": only a reply in which the model calls the tool is held,
 #       before the client sees it (review.rego).
-#   expensive_calls  {"above_micro_usd": N, "approvers": [teams], "timeout_s": 900,
-#                     "default_output_tokens": 4096}
+#   expensive_calls  {"above_micro_usd": N, "approvers": [teams], "timeout_s": 900}
 #       a call whose worst-case output may cost more than N micro-dollars is held. A team's
 #       teams.<team>.approval_above_micro_usd overrides N for that team.
 # approvers name teams: a member of one of them, with the approver or admin role, may decide.
@@ -23,17 +22,14 @@ held_tools := [t |
 	object.get(data.lockgate.approval_tools[t], "when", "offered") == "offered"
 ]
 
-# The call's output tokens at most, as the gateway caps them: its max_tokens, capped by the
-# team's limit; without one, the limit, else expensive_calls.default_output_tokens. Counting the
-# output only, not the prompt, keeps this rule off input.estimate, which changes with every
-# prompt: the decision is then reused for every call of a user with the same model, tools and
-# max_tokens.
-output_tokens := min([input.request.max_tokens, budgets.limits.max_tokens]) if {
-	is_number(input.request.max_tokens)
+# The call's output tokens at most, as the gateway reserves for them: the estimate counts its
+# max_tokens (else the gateway's default) for each of its choices (n), and the team's max_tokens
+# caps each choice. Counting the output only, never the prompt's tokens (which change with every
+# prompt), the decision is reused for every call of a user with the same model, tools,
+# max_tokens and n.
+output_tokens := min([input.estimate.output_tokens_max, budgets.limits.max_tokens * input.request.choices]) if {
 	is_number(budgets.limits.max_tokens)
-} else := input.request.max_tokens if {
-	is_number(input.request.max_tokens)
-} else := object.get(budgets.limits, "max_tokens", object.get(data.lockgate.expensive_calls, "default_output_tokens", 4096))
+} else := input.estimate.output_tokens_max
 
 # A call whose output may cost more than the team's threshold, in micro-dollars. The catalog's
 # output_micro_usd_per_mtok is micro-dollars per million tokens: integers, compared exactly.

@@ -7,6 +7,9 @@ import data.lockgate
 import data.lockgate_test.base
 import data.lockgate_test.call
 
+# A call whose output may reach ``tokens`` (the gateway's estimate: max_tokens, or its default, times n).
+out(principal, request, tokens) := object.union(call(principal, request), {"estimate": {"output_tokens_max": tokens}})
+
 test_transfer_funds_needs_finance_approval if {
 	d := lockgate.decision with input as call({}, {"tools": ["search_web", "transfer_funds"]})
 	d.allow
@@ -32,7 +35,7 @@ test_the_first_held_tool_names_the_approvers if {
 
 test_a_call_whose_output_may_cost_more_than_the_threshold_is_held if {
 	# mock-smart's output: $10 per million tokens, 10 micro-dollars a token; 600000 tokens: $6.
-	d := lockgate.decision with input as call({}, {"model": "mock-smart", "max_tokens": 600000})
+	d := lockgate.decision with input as out({}, {"model": "mock-smart"}, 600000)
 	d.allow
 	d.approval.required
 	d.approval.approvers == ["finance"]
@@ -40,32 +43,38 @@ test_a_call_whose_output_may_cost_more_than_the_threshold_is_held if {
 }
 
 test_a_call_at_the_threshold_is_not_held if {
-	d := lockgate.decision with input as call({}, {"model": "mock-smart", "max_tokens": 500000})
+	d := lockgate.decision with input as out({}, {"model": "mock-smart"}, 500000)
 	d.approval == {"required": false}
 }
 
-test_the_teams_token_cap_bounds_the_output_cost if {
-	# support's max_tokens (2048) caps what a call may produce, whatever it asks for.
-	lockgate.approvals.output_tokens == 2048 with input as call({"team": "support"}, {"max_tokens": 900000})
+test_every_choice_counts if {
+	# 8 choices of 70000 tokens: the estimate says 560000, $5.60 of output.
+	d := lockgate.decision with input as out({}, {"model": "mock-smart", "max_tokens": 70000, "choices": 8}, 560000)
+	d.approval.required
 }
 
-test_a_call_without_max_tokens_counts_the_default if {
-	lockgate.approvals.output_tokens == 4096 with input as call({}, {"max_tokens": null})
+test_the_teams_token_cap_bounds_each_choice if {
+	# support's max_tokens (2048) caps what each choice may produce, whatever it asks for.
+	lockgate.approvals.output_tokens == 4096 with input as out({"team": "support"}, {"choices": 2}, 1800000)
+}
+
+test_without_a_team_cap_the_estimate_counts if {
+	lockgate.approvals.output_tokens == 12288 with input as out({}, {"max_tokens": null, "choices": 3}, 12288)
 }
 
 test_a_team_threshold_overrides_the_default if {
-	approval := lockgate.approvals.approval with input as call({}, {"model": "mock-smart", "max_tokens": 1000})
+	approval := lockgate.approvals.approval with input as out({}, {"model": "mock-smart"}, 1000)
 		with data.lockgate.teams.research.approval_above_micro_usd as 5000
 	approval.required
 }
 
 test_a_held_tool_comes_before_an_expensive_call if {
-	approval := lockgate.approvals.approval with input as call({}, {"model": "mock-smart", "max_tokens": 600000, "tools": ["transfer_funds"]})
+	approval := lockgate.approvals.approval with input as out({}, {"model": "mock-smart", "tools": ["transfer_funds"]}, 600000)
 	approval.reason == "tool transfer_funds needs approval"
 }
 
 test_a_model_the_catalog_lacks_holds_nothing if {
-	lockgate.approvals.approval == {"required": false} with input as call({}, {"model": "ghost", "max_tokens": 900000})
+	lockgate.approvals.approval == {"required": false} with input as out({}, {"model": "ghost"}, 900000)
 }
 
 replying(calls) := object.union(base, {"response": {"tool_calls": calls}})

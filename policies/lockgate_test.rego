@@ -10,7 +10,7 @@ import data.lockgate
 base := {
 	"principal": {"key_id": "k_1", "user": "ana", "team": "research", "org": "acme", "roles": [], "labels": {}},
 	"request": {
-		"endpoint": "chat.completions", "model": "mock-fast", "stream": false, "max_tokens": 100,
+		"endpoint": "chat.completions", "model": "mock-fast", "stream": false, "max_tokens": 100, "choices": 1,
 		"tools": [], "message_count": 1, "metadata": {},
 	},
 	"estimate": {"input_tokens": 10, "output_tokens_max": 100, "cost_usd_max": 0.001, "cost_micro_usd_max": 1000},

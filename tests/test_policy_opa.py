@@ -137,8 +137,9 @@ def test_push_mode_uploads_the_folder_and_serves_allowed_and_denied_calls(
     assert {r["policy_revision"] for r in calls} == {revision}  # push mode: the folder's content hash
     # push mode reuses decisions (the input paths come from regorus's parse of the same modules):
     # the second research call asked OPA nothing
-    # research, support, and the listing's names but "smart", which support's call already asked
-    assert decision_queries(opa) == 2 + 3
+    # research, support, and the listing's four names (a listing's estimate is not a call's, and the
+    # shipped approvals read estimate.output_tokens_max)
+    assert decision_queries(opa) == 2 + 4
     assert set(opa.authorizations) == {f"Bearer {TOKEN}"}
     assert_token_kept_secret(gateway)
 
@@ -409,3 +410,35 @@ def test_no_call_is_decided_on_a_half_pushed_policy(serve: Serve, opa: OpaServer
     assert len(outcomes) >= 2 and set(outcomes) == {"allowed"}, outcomes
     assert opa.evaluate("lockgate/a/half", {}) == opa.evaluate("lockgate/b/half", {}) == 2
     assert any(r["policy_revision"] != revisions[0] for r in gateway.decisions())
+
+
+def test_a_failed_push_that_cannot_be_undone_refuses_calls_until_a_push_succeeds(
+        serve: Serve, opa: OpaServer, upstream: FakeOpenAI, tmp_path: Path) -> None:
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    (folder / "lockgate.rego").write_text(ONE_TEAM)
+    (folder / "data.json").write_text(json.dumps({"lockgate": {"allowed_team": "research"}}))
+    gateway = serve(policy_dir=str(folder), policy_reload_interval_s="0.1", policy_cache_size="0")
+    research = client(gateway)
+    upstream.script(reply("Before."), reply("After."))
+    assert research.chat.completions.create(model="mock-fast", messages=MESSAGES).choices[0].message.content
+
+    opa.refuse_pushes = True  # the new policy's push fails, and so does putting the old one back
+    (folder / "lockgate.rego").write_text(ONE_TEAM.replace("only team", "just team"))
+    deadline = time.monotonic() + 15
+    while "calls are refused until a push succeeds" not in gateway.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(openai.InternalServerError) as refused:
+        research.chat.completions.create(model="mock-fast", messages=MESSAGES)
+
+    opa.refuse_pushes = False  # the next look pushes again, though the folder did not change
+    deadline = time.monotonic() + 15
+    while all("just team" not in text for text in opa.modules.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    after = research.chat.completions.create(model="mock-fast", messages=MESSAGES)
+
+    assert (refused.value.status_code, refused.value.code) == (503, "policy_error")
+    assert "part of two policies" in refused.value.message
+    assert after.choices[0].message.content == "After."
+    assert len(upstream.requests) == 2

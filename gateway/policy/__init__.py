@@ -34,6 +34,7 @@ RESPONSE_DECISION = "data.lockgate.response_decision"
 MAY_APPROVE = "data.lockgate.may_approve"
 
 MICRO = 1_000_000
+SETTLE_WAIT_S = 60.0  # the longest a remote decision waits for a push to settle (two 30 s pushes)
 MAX_LIMIT_MICRO_USD = 2**62  # $4.6e12: any real budget, with room for spent + reserved + amount in 64 bits
 
 
@@ -54,6 +55,7 @@ def build_input(principal: Principal, facts: CallFacts, cost_micro_usd_max: int,
             "model": facts.model,
             "stream": facts.stream,
             "max_tokens": facts.max_tokens,
+            "choices": facts.choices,
             "tools": list(facts.tools),
             "message_count": facts.message_count,
             "metadata": dict(facts.metadata),
@@ -237,6 +239,9 @@ class PolicyStage:
         # so none is taken on a half-pushed policy (gateway/policy/reload.py).
         self.settled = asyncio.Event()
         self.settled.set()
+        # Set when a failed push could not put the serving policy back: OPA holds part of two
+        # policies, so every remote question is refused (503) until a push succeeds.
+        self.unusable: str | None = None
 
     def swap(self, engine: PolicyEngine, revision: str) -> PolicyEngine:
         """Serve ``engine`` (policy ``revision``) from the next decision on, with an empty decision
@@ -261,12 +266,23 @@ class PolicyStage:
             raise PolicyFailed(f"The policy could not be evaluated, so the call was denied: {exc}") from exc
         return self._decided(key, raw, self.cache)
 
+    async def ready(self) -> None:
+        """Remote engines: wait while a policy is pushed and swapped in (at most SETTLE_WAIT_S),
+        and refuse while OPA may hold half of one; every remote question asks this first."""
+        if not self.settled.is_set():
+            try:
+                await asyncio.wait_for(self.settled.wait(), SETTLE_WAIT_S)
+            except TimeoutError:
+                raise PolicyFailed("The policy is being replaced and did not settle in time, so the call "
+                                   "was denied.") from None
+        if self.unusable is not None:
+            raise PolicyFailed(f"The policy cannot be evaluated, so the call was denied: {self.unusable}")
+
     async def decide_async(self, policy_input: Mapping[str, Any]) -> tuple[Decision, Any, bool]:
         """``decide`` on a remote engine: the same cache, shape checks and failures."""
         # The engine and cache of this moment: a swap during the await must not put the previous
         # policy's answer into the new policy's cache.
-        if not self.settled.is_set():
-            await self.settled.wait()
+        await self.ready()
         engine, cache = self._remote, self.cache
         key, known = self._reused(policy_input)
         if known is not None:
@@ -315,6 +331,7 @@ class PolicyStage:
 
     async def review_response_async(self, policy_input: Mapping[str, Any]) -> Decision | None:
         """``review_response`` on a remote engine."""
+        await self.ready()
         if not self.engine.defines(RESPONSE_DECISION):
             return None
         try:
@@ -335,6 +352,7 @@ class PolicyStage:
 
     async def may_approve_async(self, approval: Mapping[str, Any], decider: Principal) -> bool:
         """``may_approve`` on a remote engine."""
+        await self.ready()
         if not self.engine.defines(MAY_APPROVE):
             return False
         try:
@@ -346,6 +364,7 @@ class PolicyStage:
     async def evaluate_async(self, entrypoint: str, policy_input: Mapping[str, Any]) -> Any:
         """Any entrypoint (``data.lockgate.aliases``), on whichever engine: not for the hot path."""
         if self.remote:
+            await self.ready()
             return await self._remote.evaluate_async(entrypoint, policy_input)
         return self.engine.evaluate(entrypoint, policy_input)
 

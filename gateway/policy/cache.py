@@ -68,7 +68,7 @@ class _ReadFinder:
             self.walk(call.get("fcn"))
             self.walk(call.get("params"))
             return
-        if _var(node) == "input":
+        if var_name(node) == "input":
             self.paths.add(())  # input used whole
             return
         for value in node.values():
@@ -91,7 +91,7 @@ class _ReadFinder:
             else:
                 break
             node = ref["refr"]
-        if _var(node) != "input":
+        if var_name(node) != "input":
             self.walk(node)  # a reference into data, a local or a call's result
             return
         path: list[str] = []
@@ -108,11 +108,12 @@ class _ReadFinder:
         while isinstance(node, dict) and "RefDot" in node:
             names.append(node["RefDot"]["field"][1])
             node = node["RefDot"]["refr"]
-        name = _var(node)
+        name = var_name(node)
         return [name, *reversed(names)] if name else []
 
 
-def _var(node: Any) -> str | None:
+def var_name(node: Any) -> str | None:
+    """The name of a syntax-tree variable node, else None."""
     if isinstance(node, dict) and isinstance(node.get("Var"), dict):
         value = node["Var"].get("value")
         return value if isinstance(value, str) else None

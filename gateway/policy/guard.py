@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.policy.cache import var_name
+
 FORBIDDEN = ("http.send", "opa.runtime", "net")  # a name, or a namespace of names (net.*)
 UNBOUNDED = frozenset({"numbers.range", "numbers.range_step"})  # allocate a list as long as their bounds
 COMPARISONS = frozenset({"Lt", "Le", "Gt", "Ge", "Eq", "Ne"})
@@ -122,7 +124,7 @@ def _static(node: Any) -> tuple[str, tuple[str, ...]]:
     """The root variable of a reference and its leading literal steps: ``a.b["c"][x].d`` is
     ("a", ("b", "c")); ("", ()) when the reference does not start at a variable."""
     root, steps = _unwind(node)
-    name = _var(root)
+    name = var_name(root)
     if name is None:
         return "", ()
     static: list[str] = []
@@ -154,13 +156,6 @@ def _unwind(node: Any) -> tuple[Any, list[str | None]]:
         else:
             break
     return node, list(reversed(steps))
-
-
-def _var(node: Any) -> str | None:
-    if isinstance(node, dict) and isinstance(node.get("Var"), dict):
-        value = node["Var"].get("value")
-        return value if isinstance(value, str) else None
-    return None
 
 
 def _root(node: Any) -> Any:
@@ -261,8 +256,8 @@ class _Walker:
         """A body: a local assigned float dollars (``c := input.estimate.cost_usd_max``) is money too."""
         for stmt in node["query"]["stmts"]:
             assign = stmt.get("literal", {}).get("Expr", {}).get("expr", {}).get("AssignExpr")
-            if assign is not None and _var(assign.get("lhs")) and self._dollars(assign.get("rhs")):
-                self.money.add(_var(assign["lhs"]))  # type: ignore[arg-type]
+            if assign is not None and var_name(assign.get("lhs")) and self._dollars(assign.get("rhs")):
+                self.money.add(var_name(assign["lhs"]))  # type: ignore[arg-type]
         for key, value in node.items():
             if key != "span":
                 self.visit(value)
@@ -286,11 +281,19 @@ class _Walker:
             return (*self.module.package, root, *steps)
         return None
 
-    def _reference(self, node: Any) -> None:
+    def _shadowed(self, root: str, steps: tuple[str, ...], call: bool) -> bool:
+        """A name the policy binds itself (a local, a rule, an import), so no builtin. Not so for a
+        call of a dotted name: regorus calls the builtin ``opa.runtime()`` even where ``opa`` is a
+        local or a rule, so such a call is checked whatever the policy named its variables."""
+        if call and steps:
+            return False
+        return root in self.locals or root in self.heads or root in self.module.imports
+
+    def _reference(self, node: Any, call: bool = False) -> None:
         root, steps = _static(node)
         line, column = _where(node)
         name = ".".join((root, *steps))
-        if root and root not in self.locals and root not in self.heads and root not in self.module.imports:
+        if root and not self._shadowed(root, steps, call):
             for forbidden in FORBIDDEN:
                 if name == forbidden or name.startswith(forbidden + "."):
                     shown = name if forbidden != "net" else f"{name} (net.*)"
@@ -302,13 +305,13 @@ class _Walker:
 
     def _call(self, call: dict[str, Any]) -> None:
         function = call.get("fcn")
-        self._reference(function)
+        self._reference(function, call=True)
         self._indices(function)
         root, steps = _static(function)
         name = ".".join((root, *steps))
         params = call.get("params") or []
         line, column = _where(function)
-        if root not in self.locals and root not in self.heads and root not in self.module.imports:
+        if not self._shadowed(root, steps, True):
             if name in UNBOUNDED and not all(_literal_number(p) for p in params):
                 self._find(line, column, "error", f"{name} with a bound that is not a number literal: a client "
                            "could make the engine allocate without limit, which aborts the process")
@@ -330,12 +333,12 @@ class _Walker:
         """(what, the integer micro-dollar field to use instead) when ``node`` is float dollars."""
         if isinstance(node, dict) and "ParenExpr" in node:
             return self._dollars(node["ParenExpr"].get("expr"))
-        var = _var(node)
+        var = var_name(node)
         if var is not None:
             return (var, "the *_micro_usd field it was read from") if var in self.money else None
         if not isinstance(node, dict) or not ("RefDot" in node or "RefBrack" in node):
             return None
-        root = _var(_root(node))
+        root = var_name(_root(node))
         steps = _all_steps(node)
         shown = ".".join(s if s is not None else "[_]" for s in (root, *steps)).replace(".[_]", "[_]")
         if root == "input":
@@ -358,7 +361,7 @@ class _Walker:
 def _vars(node: Any) -> set[str]:
     """The variables a pattern binds: ``x``, ``[a, b]``, ``{"k": v}``."""
     found: set[str] = set()
-    var = _var(node)
+    var = var_name(node)
     if var is not None:
         return {var}
     if isinstance(node, dict):

@@ -35,7 +35,7 @@ from gateway.policy.source import PolicySource
 SAMPLE_INPUT = {
     "principal": {"key_id": "k_preflight", "user": "preflight", "team": "preflight", "org": "preflight",
                   "roles": [], "labels": {}},
-    "request": {"endpoint": "chat.completions", "model": "preflight", "stream": False, "max_tokens": 16,
+    "request": {"endpoint": "chat.completions", "model": "preflight", "stream": False, "max_tokens": 16, "choices": 1,
                 "tools": [], "message_count": 1, "metadata": {}},
     "estimate": {"input_tokens": 1, "output_tokens_max": 16, "cost_usd_max": 0.0, "cost_micro_usd_max": 0},
     "spend": {},

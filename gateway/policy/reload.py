@@ -68,7 +68,7 @@ class PolicyReloader(Periodic):
         previous = self._stage.revision
         try:
             source = await asyncio.to_thread(self._load, self._folder)
-            if source.revision == previous:
+            if source.revision == previous and self._stage.unusable is None:
                 return None
             await asyncio.to_thread(self._vet, source)  # a child process: never blocks the loop
             engine = self._compile(source)  # here, on the loop's thread: the engine is used only from it
@@ -86,6 +86,7 @@ class PolicyReloader(Periodic):
                       self._name, self._folder, previous, exc)
             return None
         old = self._stage.swap(engine, source.revision)
+        self._stage.unusable = None
         self._stage.settled.set()
         old.close()
         if old.remote:  # once the queries still in flight on it have had their time
@@ -105,8 +106,12 @@ class PolicyReloader(Periodic):
             previous = cast(RemotePolicyEngine, self._stage.engine)
             try:
                 await previous.start()
-            except (ValueError, RuntimeError):
-                log.exception("pushing the serving %s policy to OPA again failed", self._name)
+            except (ValueError, RuntimeError) as exc:
+                # OPA may hold part of each policy: refuse remote questions, and push again next time.
+                self._stage.unusable = f"OPA may hold part of two policies after a failed push ({exc})"
+                self._seen = ()
+                log.exception("pushing the serving %s policy to OPA again failed; calls are refused until a "
+                              "push succeeds", self._name)
             raise
 
     def _event(self, name: str, previous: str, revision: str | None, error: str | None) -> None:

@@ -21,6 +21,7 @@ Implemented, as opa-python-client calls them:
 A bearer token, when given, is required on every request (401 otherwise), as OPA's
 ``--authentication=token`` with an authorization policy that checks it. Knobs for the tests:
 ``delay_s`` holds each query that long, ``push_delay_s`` each policy upload or deletion,
+``refuse_pushes`` answers every policy upload and deletion with a 500,
 ``fail_status`` answers queries with that HTTP status,
 and ``stop()`` takes the server away (open keep-alive connections are cut too).
 """
@@ -48,6 +49,7 @@ class OpaServer:
         self.authorizations: list[str] = []  # every Authorization header received
         self.delay_s = 0.0
         self.push_delay_s = 0.0  # holds each policy PUT or DELETE that long
+        self.refuse_pushes = False  # answers each policy PUT or DELETE with a 500
         self.fail_status: int | None = None
         self._lock = threading.Lock()
         self._engine = self._compile({}, {})
@@ -143,6 +145,8 @@ class OpaServer:
     def _policy(self, method: str, policy_id: str, body: bytes) -> tuple[int, Any]:
         if method in ("PUT", "DELETE") and self.push_delay_s:
             time.sleep(self.push_delay_s)
+        if method in ("PUT", "DELETE") and self.refuse_pushes:
+            return 500, {"code": "internal_error", "message": "storage failure, made by the test"}
         missing = {"code": "resource_not_found", "message": f"storage_not_found_error: policy id {policy_id!r}"}
         with self._lock:
             if method == "GET":
