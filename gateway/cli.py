@@ -446,7 +446,7 @@ def cmd_policy_eval(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"lockgate: cannot read {args.input}: {exc.strerror}", file=sys.stderr)
         return 2
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         print(f"lockgate: {args.input} is not JSON: {exc}", file=sys.stderr)
         return 2
     if not isinstance(policy_input, dict):

@@ -118,6 +118,16 @@ def test_eval_prints_the_decision_as_json(tmp_path: Path) -> None:
     assert json.loads(from_stdin.stdout) == json.loads(result.stdout)
 
 
+def test_eval_of_a_file_that_is_not_json_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    given = tmp_path / "input.json"
+    given.write_bytes(b"\xff\xfe{")
+
+    result = lockgate("policy", "eval", "--input", str(given), cwd=tmp_path)
+
+    assert result.returncode == 2 and "input.json is not JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_eval_never_evaluates_a_policy_the_guard_refuses(tmp_path: Path) -> None:
     folder = shipped_copy(tmp_path / "p", loop="package lockgate\nimport rego.v1\n\nloop := loop + 1\n")
     given = tmp_path / "input.json"
