@@ -152,8 +152,7 @@ def test_builtins_a_client_could_make_allocate_without_bound(rego: str, refused:
 
 @pytest.mark.parametrize(("rego", "where", "suggestion"), [
     ("big if input.estimate.cost_usd_max > 0.5", "p.rego:4:8", "input.estimate.cost_micro_usd_max"),
-    ('over if input.spend["team:research"].month >= 100', "p.rego:4:9", 'input.spend["team:research"].month_micro_usd'
-     .replace('["team:research"]', ".team:research")),
+    ('over if input.spend["team:research"].month >= 100', "p.rego:4:9", 'input.spend["team:research"].month_micro_usd'),
     ("over if { some s; input.spend[s].day + 1 > 2 }", "p.rego:4:19", "input.spend[_].day_micro_usd"),
     ("long if input.run.cost_usd * 2 > 1", "p.rego:4:9", "input.run.cost_micro_usd"),
     ("near if { t := data.lockgate.teams[input.principal.team]; t.monthly_budget_usd - 1 < 3 }",

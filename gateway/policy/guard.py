@@ -24,6 +24,7 @@ This module only reads the tree; parsing happens in the child process of
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -340,7 +341,7 @@ class _Walker:
             return None
         root = var_name(_root(node))
         steps = _all_steps(node)
-        shown = ".".join(s if s is not None else "[_]" for s in (root, *steps)).replace(".[_]", "[_]")
+        shown = (root if root is not None else "[_]") + "".join(_step(s) for s in steps)
         if root == "input":
             if steps == ["estimate", "cost_usd_max"]:
                 return shown, "input.estimate.cost_micro_usd_max"
@@ -471,3 +472,10 @@ def _cycle(component: list[tuple[str, ...]],
                     following.append(target)
         frontier = following
     return [start]
+
+
+def _step(step: str | None) -> str:
+    """One step of a reference as Rego writes it: ``.name``, ``["a key"]``, or ``[_]`` for any other index."""
+    if step is None:
+        return "[_]"
+    return f".{step}" if step.isidentifier() else f"[{json.dumps(step)}]"
