@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from opa_client import AsyncOpaClient
+from opa_client.errors import PolicyNotFoundError
 
 from gateway.policy.cache import Path
 from gateway.policy.embedded import PolicyEngineError, analyse
@@ -88,6 +89,8 @@ class OpaEngine:
     async def start(self) -> None:
         """Open the pooled session, push the policy (push mode) or read what OPA serves (bundle
         mode). Raises PolicyEngineError with the reason when OPA cannot serve the policy."""
+        if DECISION not in self._rules and self._source is not None:  # before anything is pushed
+            raise PolicyEngineError(f"the policy defines no {DECISION}")
         if not self._open:
             await self._client.__aenter__()  # the session and its connection pool
             self._open = True
@@ -156,9 +159,12 @@ class OpaEngine:
     async def _bundle_revision(self) -> str:
         try:
             bundles = (await self._client.get_data("system/bundles")).get("result")
-        except Exception as exc:  # PolicyNotFoundError: no bundle activated (yet)
+        except PolicyNotFoundError as exc:  # no bundle activated (yet)
             log.warning("OPA reports no bundle revision (%s); recording bundle:unknown", _reason(exc))
             return "bundle:unknown"
+        except Exception as exc:  # OPA away for a moment: the revision it served last still stands
+            log.warning("reading the bundle revision from OPA failed (%s); keeping %s", _reason(exc), self.revision)
+            return self.revision
         if not isinstance(bundles, dict) or not bundles:
             return "bundle:unknown"
         named = []
