@@ -237,6 +237,11 @@ class RemotePolicyEngine(PolicyEngine, Protocol):
 
     async def ready(self) -> bool: ...
 
+    async def lost_push(self) -> bool:
+        """Push mode: OPA no longer holds every module pushed (it restarted); False when it does,
+        or cannot be asked."""
+        ...
+
     async def aclose(self) -> None: ...
 
     async def retire(self) -> None:

@@ -442,3 +442,25 @@ def test_a_failed_push_that_cannot_be_undone_refuses_calls_until_a_push_succeeds
     assert "part of two policies" in refused.value.message
     assert after.choices[0].message.content == "After."
     assert len(upstream.requests) == 2
+
+
+def test_push_mode_pushes_again_when_opa_restarted_and_forgot_the_policy(
+        serve: Serve, opa: OpaServer, upstream: FakeOpenAI, tmp_path: Path) -> None:
+    gateway = serve(policy_dir=str(policy_folder(tmp_path)), policy_reload_interval_s="0.1",
+                    policy_cache_size="0")
+    sdk = client(gateway)
+    upstream.script(reply("Before."), reply("After."))
+    assert sdk.chat.completions.create(model="fast", messages=MESSAGES).choices[0].message.content == "Before."
+
+    opa.forget()  # an OPA restart: no policy, no data
+    deadline = time.monotonic() + 15
+    while "pushing it again" not in gateway.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deadline = time.monotonic() + 15
+    while not opa.modules and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    after = sdk.chat.completions.create(model="fast", messages=MESSAGES)
+
+    assert after.choices[0].message.content == "After."
+    assert "lockgate/lockgate.rego" in opa.modules and opa.data["lockgate"]["catalog"]

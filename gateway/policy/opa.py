@@ -219,6 +219,18 @@ class OpaEngine:
     def close(self) -> None:
         """Nothing to drop synchronously: the session is closed by ``aclose``."""
 
+    async def lost_push(self) -> bool:
+        """Push mode: OPA no longer holds every module pushed (an OPA restart forgets them);
+        False when it does, in bundle mode, or when OPA cannot be asked."""
+        if self._source is None or not self._open:
+            return False
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                listed = set(await self._client.get_policies_list())
+        except Exception:  # OPA away: calls already fail closed; the next look asks again
+            return False
+        return any(POLICY_ID_PREFIX + name not in listed for name in self._source.modules)
+
     async def retire(self) -> None:
         """Close once every query still in flight has had its timeout (a hot reload swapped it out)."""
         await asyncio.sleep(self.config.timeout_s)

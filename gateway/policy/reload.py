@@ -63,6 +63,8 @@ class PolicyReloader(Periodic):
         """Reload if the folder changed: the new revision if it was swapped in, else None."""
         seen = fingerprint(self._folder)
         if seen == self._seen:
+            if self._stage.remote:
+                await self._push_again_if_lost(cast(RemotePolicyEngine, self._stage.engine))
             return None
         self._seen = seen
         previous = self._stage.revision
@@ -95,6 +97,21 @@ class PolicyReloader(Periodic):
         log.warning("%s policy reloaded from %s: revision %s replaces %s", self._name, self._folder,
                     source.revision, previous)
         return source.revision
+
+    async def _push_again_if_lost(self, engine: RemotePolicyEngine) -> None:
+        """OPA restarted and forgot the pushed policy (every decision undefined, so denied): push
+        the serving one again, decisions waiting meanwhile."""
+        if not await engine.lost_push():
+            return
+        log.warning("OPA no longer holds the %s policy (revision %s); pushing it again", self._name,
+                    self._stage.revision)
+        self._stage.settled.clear()
+        try:
+            await engine.start()
+        except (ValueError, RuntimeError):
+            log.exception("pushing the %s policy to OPA again failed; trying at the next look", self._name)
+        finally:
+            self._stage.settled.set()
 
     async def _push(self, engine: RemotePolicyEngine) -> None:
         """A remote engine in push mode uploads the new policy (OPA). Uploads are not atomic: should

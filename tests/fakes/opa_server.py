@@ -113,6 +113,11 @@ class OpaServer:
         old, self._engine, self.modules, self.data = self._engine, engine, modules, data
         old.close()
 
+    def forget(self) -> None:
+        """Drop every policy and document, as an OPA server does when it restarts."""
+        with self._lock:
+            self._swap({}, {})
+
     def evaluate(self, path: str, policy_input: Any) -> Any:
         with self._lock:
             engine = self._engine
