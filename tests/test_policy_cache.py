@@ -28,9 +28,10 @@ def stage(rules: str, data: dict[str, Any] | None = None, size: int = 16) -> Pol
     return PolicyStage(EmbeddedEngine(source), size)
 
 
-def test_the_shipped_policy_reads_the_caller_model_tools_and_max_tokens() -> None:
-    """Never the estimate, the spend or the clock, which change with every call: the shipped
-    policy's answer is reused for every call of a user with the same model, tools and max_tokens."""
+def test_the_shipped_policy_reads_the_caller_model_tools_and_output_bound() -> None:
+    """Never the prompt's estimate, the spend or the clock, which change with every call: the
+    shipped policy's answer is reused for every call of a user with the same model, tools, and
+    output bound (max_tokens, or the gateway's default, times n)."""
     engine = regorus.Engine()
     for module in sorted((ROOT / "policies").glob("*.rego")):
         if not module.name.endswith("_test.rego"):
@@ -38,9 +39,9 @@ def test_the_shipped_policy_reads_the_caller_model_tools_and_max_tokens() -> Non
     # may_approve's reads (approval, decider) and the reply review's (response) are never in a
     # call's input: they key nothing.
     assert input_reads(json.loads(engine.get_ast_as_json())) == (
-        ("approval", "approvers"), ("decider", "team"),
+        ("approval", "approvers"), ("decider", "team"), ("estimate", "output_tokens_max"),
         ("principal", "org"), ("principal", "team"), ("principal", "user"),
-        ("request", "max_tokens"), ("request", "model"), ("request", "tools"), ("response", "tool_calls"))
+        ("request", "choices"), ("request", "model"), ("request", "tools"), ("response", "tool_calls"))
 
 
 @pytest.mark.parametrize(("rules", "expected"), [
